@@ -1,0 +1,38 @@
+"""ckptbus: on-demand checkpoints for training runs launched with ``accelerate launch``.
+
+The core (this package) imports no torch. The parts that plug into a run
+(trigger sources, the accelerate sink, :class:`~ckptbus.plugins.DynamicCheckpoint`)
+live in :mod:`ckptbus.plugins`.
+"""
+
+from ._bus import SIGNAL_NAMES, Bus
+from ._config import CheckpointConfig, DynamicCheckpointConfig, load_config
+from ._errors import CheckpointError, CkptbusError, ConfigError, SetupError
+from ._events import ReceiverFailed, SaveCompleted, SaveFailed, SaveKind, SaveRequested, SaveStarted
+from ._eventlog import EventLog
+from ._layout import CheckpointInfo, Manifest, checkpoint_path, latest_full, list_checkpoints, read_checkpoint
+
+__all__ = [
+    "SIGNAL_NAMES",
+    "Bus",
+    "CheckpointConfig",
+    "CheckpointError",
+    "CheckpointInfo",
+    "CkptbusError",
+    "ConfigError",
+    "DynamicCheckpointConfig",
+    "EventLog",
+    "Manifest",
+    "ReceiverFailed",
+    "SaveCompleted",
+    "SaveFailed",
+    "SaveKind",
+    "SaveRequested",
+    "SaveStarted",
+    "SetupError",
+    "checkpoint_path",
+    "latest_full",
+    "list_checkpoints",
+    "load_config",
+    "read_checkpoint",
+]

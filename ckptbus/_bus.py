@@ -1,0 +1,122 @@
+"""The event bus: blinker signals owned by one run.
+
+Each :class:`Bus` makes its own ``blinker.Signal`` objects instead of using
+blinker's global ``signal()`` namespace, so two runs in one process (tests,
+notebooks) never see each other's events.
+
+Receivers are called with the event as their only positional argument::
+
+    bus.save_completed.connect(lambda event: print(event.path), weak=False)
+
+Receivers run in the thread that publishes: ``save_requested`` may arrive on
+a socket thread; ``save_started``, ``save_completed`` and ``save_failed`` are
+always published on the training thread of every rank.
+
+A receiver that raises does not stop the others and does not stop training:
+the exception is logged and a :class:`~ckptbus.ReceiverFailed` event is
+published on ``receiver_failed`` (a receiver of that signal that raises is
+only logged).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
+
+from blinker import Signal
+
+from ._events import Event, ReceiverFailed, SaveCompleted, SaveFailed, SaveRequested, SaveStarted
+
+logger = logging.getLogger("ckptbus")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SIGNAL_NAMES: Final = ("save_requested", "save_started", "save_completed", "save_failed", "receiver_failed")
+
+
+class Bus:
+    """The signals of one run. See the module docstring for the threading rules."""
+
+    __slots__ = ("save_requested", "save_started", "save_completed", "save_failed", "receiver_failed", "_lock")
+
+    def __init__(self) -> None:
+        self.save_requested = Signal("save_requested")
+        """A :class:`~ckptbus.SaveRequested`: somebody asked for a checkpoint."""
+        self.save_started = Signal("save_started")
+        """A :class:`~ckptbus.SaveStarted`: all ranks agreed, writing begins."""
+        self.save_completed = Signal("save_completed")
+        """A :class:`~ckptbus.SaveCompleted`: the checkpoint is complete on disk."""
+        self.save_failed = Signal("save_failed")
+        """A :class:`~ckptbus.SaveFailed`: nothing was made visible."""
+        self.receiver_failed = Signal("receiver_failed")
+        """A :class:`~ckptbus.ReceiverFailed`: a receiver raised (it was logged)."""
+        # Receivers may be connected from user threads while the training
+        # thread publishes; blinker's own structures are not documented as
+        # thread-safe, so connect and publish take this lock.
+        self._lock = threading.RLock()
+
+    def subscribe(self, name: str, receiver: F) -> F:
+        """Connect ``receiver`` (strongly) to the signal called ``name``; returns it.
+
+        Raises ``ValueError`` for an unknown signal name.
+        """
+        signal = self._signal(name)
+        with self._lock:
+            signal.connect(receiver, weak=False)
+        return receiver
+
+    def unsubscribe(self, name: str, receiver: Callable[..., Any]) -> None:
+        """Disconnect ``receiver`` from ``name``; a receiver not connected is ignored."""
+        signal = self._signal(name)
+        with self._lock:
+            signal.disconnect(receiver)
+
+    def publish(self, event: Event) -> None:
+        """Send ``event`` on the signal that matches its type.
+
+        Every receiver is called even if an earlier one raised; exceptions are
+        logged and reported on ``receiver_failed``, never propagated.
+        """
+        signal = self._signal_for(event)
+        with self._lock:
+            receivers = list(signal.receivers_for(event))
+        for receiver in receivers:
+            try:
+                receiver(event)
+            except Exception as exc:  # noqa: BLE001 - a user receiver may raise anything
+                self._report_receiver_error(signal, receiver, exc)
+
+    def _report_receiver_error(self, signal: Signal, receiver: Callable[..., Any], exc: Exception) -> None:
+        name = getattr(receiver, "__qualname__", repr(receiver))
+        logger.warning(
+            "ckptbus: receiver %s of %s raised %s: %s (training continues)",
+            name,
+            signal.name,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        if signal is self.receiver_failed:
+            return  # never recurse: a failing error handler is only logged
+        self.publish(ReceiverFailed(signal=str(signal.name), receiver=name, error=f"{type(exc).__name__}: {exc}"))
+
+    def _signal(self, name: str) -> Signal:
+        if name not in SIGNAL_NAMES:
+            raise ValueError(f"unknown bus signal {name!r}; the signals are {', '.join(SIGNAL_NAMES)}")
+        signal: Signal = getattr(self, name)
+        return signal
+
+    def _signal_for(self, event: Event) -> Signal:
+        if isinstance(event, SaveRequested):
+            return self.save_requested
+        if isinstance(event, SaveStarted):
+            return self.save_started
+        if isinstance(event, SaveCompleted):
+            return self.save_completed
+        if isinstance(event, SaveFailed):
+            return self.save_failed
+        if isinstance(event, ReceiverFailed):
+            return self.receiver_failed
+        raise TypeError(f"not a ckptbus event: {event!r}")

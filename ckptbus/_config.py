@@ -1,0 +1,267 @@
+"""Configuration: validated dataclasses and a YAML loader.
+
+Every check happens when the configuration is built, so a typo fails at
+start-up with a message that names the key, the bad value and what is
+allowed, instead of hours later at the first save.
+
+The YAML file is flat at the top (``output_dir``, ``save_steps``, ...) with a
+``dynamic_checkpoint`` block, as in axolotl. A training script adds its own
+keys by passing its own dataclass to :func:`load_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from ._errors import ConfigError
+
+T = TypeVar("T")
+
+DEFAULT_TRIGGER_FILE = "axolotl_checkpoint.save"
+DEFAULT_CHECK_INTERVAL = 100
+
+
+def _check(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': got {value!r}, expected {allowed}")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class DynamicCheckpointConfig:
+    """The ``dynamic_checkpoint`` block: checkpoints asked for while training runs."""
+
+    enabled: bool = False
+    """Turn on the on-demand triggers (trigger file; signals and socket where available)."""
+
+    check_interval: int = DEFAULT_CHECK_INTERVAL
+    """Look for the trigger file every this many optimizer steps (>= 1)."""
+
+    trigger_file_path: str = DEFAULT_TRIGGER_FILE
+    """Name of the trigger file inside ``output_dir``: a plain file name, no directories."""
+
+    event_log: bool = True
+    """Append every bus event to ``<output_dir>/ckptbus-events.jsonl`` (main process)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.check_interval, int) and self.check_interval >= 1,
+            "dynamic_checkpoint.check_interval",
+            self.check_interval,
+            "a whole number of steps >= 1",
+        )
+        name = self.trigger_file_path
+        plain = (
+            isinstance(name, str)
+            and name not in ("", ".", "..")
+            and os.sep not in name
+            and (os.altsep is None or os.altsep not in name)
+            and "\0" not in name
+        )
+        _check(
+            plain,
+            "dynamic_checkpoint.trigger_file_path",
+            name,
+            "a plain file name inside output_dir (no '/', not absolute, not '..'), "
+            f"for example {DEFAULT_TRIGGER_FILE!r}",
+        )
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class CheckpointConfig:
+    """The checkpoint keys of a run (top level of the YAML file)."""
+
+    output_dir: str
+    """Where checkpoints, metrics, the event log and the trigger file live."""
+
+    save_steps: int | None = None
+    """Save a full checkpoint every this many optimizer steps (unset: no scheduled saves)."""
+
+    save_total_limit: int | None = None
+    """Keep at most this many scheduled checkpoints; older ones are deleted after a new one is complete."""
+
+    resume_from_checkpoint: str | None = None
+    """A checkpoint directory to resume from, or ``latest`` for the newest complete full checkpoint."""
+
+    dynamic_checkpoint: DynamicCheckpointConfig = dataclasses.field(default_factory=DynamicCheckpointConfig)
+    """On-demand checkpoints: see :class:`DynamicCheckpointConfig`."""
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", self.output_dir, "a directory path")
+        _check(
+            self.save_steps is None or self.save_steps >= 1,
+            "save_steps",
+            self.save_steps,
+            "a whole number of steps >= 1, or leave it unset for no scheduled saves",
+        )
+        _check(
+            self.save_total_limit is None or self.save_total_limit >= 1,
+            "save_total_limit",
+            self.save_total_limit,
+            "a whole number >= 1, or leave it unset to keep every checkpoint",
+        )
+        _check(
+            self.resume_from_checkpoint is None or self.resume_from_checkpoint != "",
+            "resume_from_checkpoint",
+            self.resume_from_checkpoint,
+            "a checkpoint directory or 'latest'",
+        )
+
+
+# --------------------------------------------------------------------------
+# Building dataclasses from mappings, with messages that say what to do.
+# --------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {bool: "true/false", int: "a whole number", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it (nested dataclasses built)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(value, arg, key)
+            except ConfigError:
+                continue
+        raise _type_error(key, value, tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise _type_error(key, value, tp)
+    if origin is dict:
+        _, value_type = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise _type_error(key, value, tp)
+        return {str(k): _convert(v, value_type, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise _type_error(key, value, tp)
+        return build(typing.cast(type, tp), value, prefix=f"{key}.")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _type_error(key, value, tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(key, value, tp)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(key, value, tp)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(key, value, tp)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(key, value, tp)
+    raise TypeError(f"ckptbus config cannot check annotation {tp!r} of {key}")
+
+
+def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(f"config key '{key}': got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+
+
+def _unknown_key_error(key: str, known: Sequence[str], prefix: str) -> ConfigError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return ConfigError(
+        f"unknown config key '{prefix}{key}'{hint} Allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+        + ", ".join(sorted(known))
+    )
+
+
+def build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build the dataclass ``cls`` from ``data``, checking every key and type.
+
+    Raises :class:`ConfigError` for an unknown key (with the closest known key
+    as a suggestion), a missing required key, or a value of the wrong type;
+    range checks run in the dataclass's ``__post_init__``.
+    """
+    return build_many([cls], data, prefix)[0]  # type: ignore[no-any-return]
+
+
+def build_many(classes: Sequence[type], data: Mapping[str, Any], prefix: str = "") -> list[Any]:
+    """Split one flat mapping among several dataclasses, each taking the keys it declares."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config{' ' + prefix.rstrip('.') if prefix else ''}: expected a mapping of keys, got {data!r}")
+    owners: dict[str, tuple[type, dataclasses.Field[Any], Any]] = {}
+    for cls in classes:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            owners[f.name] = (cls, f, hints[f.name])
+    kwargs: dict[type, dict[str, Any]] = {cls: {} for cls in classes}
+    for raw_key, value in data.items():
+        key = str(raw_key)
+        if key not in owners:
+            raise _unknown_key_error(key, list(owners), prefix)
+        cls, _, tp = owners[key]
+        kwargs[cls][key] = _convert(value, tp, prefix + key)
+    result = []
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required and f.name not in kwargs[cls]:
+                raise ConfigError(f"config key '{prefix}{f.name}' is required: {_field_doc(cls, f.name)}")
+        result.append(cls(**kwargs[cls]))
+    return result
+
+
+def _field_doc(cls: type, name: str) -> str:
+    """A short description of a required key for the error message."""
+    return {"output_dir": "the directory for checkpoints and logs, for example outputs/run1"}.get(
+        name, f"set {name} in the config file"
+    )
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML mapping from ``path``; errors name the file and the line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file, e.g. configs/tiny.yaml") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys at the top, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike[str], *extra: type) -> list[Any]:
+    """Load ``path`` into a :class:`CheckpointConfig` followed by one instance of each ``extra`` dataclass.
+
+    ``extra`` lets a training script declare its own top-level keys (model
+    size, learning rate, ...) so that every key in the file is checked.
+    """
+    try:
+        return build_many([CheckpointConfig, *extra], read_yaml(path))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

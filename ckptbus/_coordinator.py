@@ -1,0 +1,157 @@
+"""Rank agreement: which step saves, what kind, and whether training stops.
+
+Receivers of ``save_requested`` only enqueue (:meth:`Coordinator.enqueue` is
+safe from any thread). On the training thread, at a step boundary that every
+rank computes the same way (:meth:`Coordinator.is_due`), each rank turns what
+it has pending into a vote and one collective combines the votes of *every*
+rank (an element-wise maximum): a request that reached one rank only still
+leads to one save on all ranks.
+
+This module knows nothing of torch: the collective is a function handed in
+(``exchange``), so the logic is the same for gloo, NCCL and one process.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from ._events import SaveKind, SaveRequested
+
+Exchange = Callable[[Sequence[int]], list[int]]
+"""Element-wise maximum of an int vector over all ranks (identity with one rank)."""
+
+KNOWN_REASONS: Final = ("schedule", "file", "signal", "socket", "api", "other")
+
+# Vote layout: [full, weights, exit_after, <one slot per reason>]
+_FULL, _WEIGHTS, _EXIT = 0, 1, 2
+_REASON0 = 3
+VOTE_LENGTH: Final = _REASON0 + len(KNOWN_REASONS)
+
+
+def reason_slot(reason: str) -> int:
+    """Vote slot of ``reason``; reasons outside :data:`KNOWN_REASONS` travel as ``other``."""
+    base = reason.split(":", 1)[0]
+    name = base if base in KNOWN_REASONS else "other"
+    return _REASON0 + KNOWN_REASONS.index(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What every rank agreed to do at ``step``."""
+
+    step: int
+    kind: SaveKind
+    exit_after: bool
+    reasons: tuple[str, ...]
+    """Reasons of all ranks, in :data:`KNOWN_REASONS` order (``other`` for unknown ones)."""
+    requests: tuple[SaveRequested, ...]
+    """The requests of *this* rank that the save serves."""
+
+    @property
+    def reason(self) -> str:
+        return "+".join(self.reasons)
+
+
+def encode_vote(requests: Sequence[SaveRequested], scheduled: bool) -> list[int]:
+    """This rank's vote: which kinds, whether to exit, and why."""
+    vote = [0] * VOTE_LENGTH
+    if scheduled:
+        vote[_FULL] = 1
+        vote[reason_slot("schedule")] = 1
+    for request in requests:
+        vote[_FULL if request.kind == "full" else _WEIGHTS] = 1
+        vote[_EXIT] = max(vote[_EXIT], int(request.exit_after))
+        vote[reason_slot(request.reason)] = 1
+    return vote
+
+
+def decode_vote(step: int, vote: Sequence[int], requests: Sequence[SaveRequested]) -> Decision | None:
+    """The decision the combined ``vote`` stands for, or None when nobody asked.
+
+    A full save covers a weights request at the same step (``save_state``
+    writes the model weights too), so ``full`` wins when both were asked.
+    """
+    if len(vote) != VOTE_LENGTH:
+        raise ValueError(f"vote has {len(vote)} slots, expected {VOTE_LENGTH}")
+    if not (vote[_FULL] or vote[_WEIGHTS]):
+        return None
+    kind: SaveKind = "full" if vote[_FULL] else "weights"
+    reasons = tuple(r for i, r in enumerate(KNOWN_REASONS) if vote[_REASON0 + i])
+    return Decision(step, kind, bool(vote[_EXIT]), reasons, tuple(requests))
+
+
+class Coordinator:
+    """Collects requests and, at due steps, agrees with the other ranks on a decision.
+
+    ``check_interval``: votes are exchanged at steps divisible by it.
+    ``every_step``: exchange at every step instead (sources that must be
+    honoured within one step, such as Ctrl+C, turn this on).
+    ``save_steps``: a full save is scheduled at steps divisible by it.
+    """
+
+    __slots__ = ("_exchange", "_queue", "check_interval", "every_step", "save_steps", "_held")
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        *,
+        check_interval: int,
+        save_steps: int | None = None,
+        every_step: bool = False,
+    ) -> None:
+        if check_interval < 1:
+            raise ValueError(f"check_interval must be >= 1, got {check_interval}")
+        self._exchange = exchange
+        # SimpleQueue.put is reentrant: safe from signal handlers and threads.
+        self._queue: queue.SimpleQueue[SaveRequested] = queue.SimpleQueue()
+        self._held: list[SaveRequested] = []
+        self.check_interval = check_interval
+        self.every_step = every_step
+        self.save_steps = save_steps
+
+    def enqueue(self, request: SaveRequested) -> None:
+        """Record a request; it is voted on at the next due step. Safe from any thread."""
+        self._queue.put(request)
+
+    def pending(self) -> list[SaveRequested]:
+        """Requests of this rank not yet decided on (moves them off the thread-safe queue)."""
+        while True:
+            try:
+                self._held.append(self._queue.get_nowait())
+            except queue.Empty:
+                return list(self._held)
+
+    def is_scheduled(self, step: int) -> bool:
+        return self.save_steps is not None and step > 0 and step % self.save_steps == 0
+
+    def is_due(self, step: int) -> bool:
+        """Whether ranks exchange votes at ``step``. The same answer on every rank."""
+        return self.every_step or step % self.check_interval == 0 or self.is_scheduled(step)
+
+    def decide(self, step: int, *, force: bool = False, scheduled: bool = True) -> Decision | None:
+        """At a due step (or when ``force``d, e.g. at the end), exchange votes; return the decision.
+
+        Must be called by every rank at the same step with the same ``force``.
+        ``scheduled=False`` leaves the ``save_steps`` schedule out (at close,
+        the last step's scheduled save already happened in :meth:`decide`).
+        On a collective error the local requests stay pending and the error
+        propagates.
+        """
+        if not (force or self.is_due(step)):
+            return None
+        requests = self.pending()
+        vote = self._exchange(encode_vote(requests, scheduled and self.is_scheduled(step)))
+        decision = decode_vote(step, vote, requests)
+        if decision is not None:
+            # Requests are consumed only once every rank agreed.
+            self._held = []
+        return decision
+
+    def drain(self) -> list[SaveRequested]:
+        """Remove and return every pending request (used at close, to answer them)."""
+        requests = self.pending()
+        self._held = []
+        return requests

@@ -1,0 +1,311 @@
+"""Checkpoints on disk: names, manifest, atomic commit, listing, clean-up, rotation.
+
+A checkpoint is written into ``<output_dir>/.ckptbus-staging-checkpoint-<step>``
+and becomes ``<output_dir>/checkpoint-<step>`` by one ``rename`` after every
+file in it was fsynced and the manifest ``ckptbus.json`` was written last. A
+directory is a *complete* checkpoint only if its manifest parses and every
+file the manifest lists is there with its recorded size; everything that
+lists, resumes or rotates goes through :func:`list_checkpoints`, so nothing
+half-written is ever used.
+
+This module imports no torch: the CLI uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from ._errors import CheckpointError
+from ._events import SAVE_KINDS, SaveKind
+
+logger = logging.getLogger("ckptbus")
+
+CHECKPOINT_PREFIX = "checkpoint-"
+MANIFEST_NAME = "ckptbus.json"
+STAGING_PREFIX = ".ckptbus-staging-"
+TRASH_PREFIX = ".ckptbus-trash-"
+MANIFEST_FORMAT = 1
+SCHEDULED_REASON = "schedule"
+
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_path(output_dir: str | os.PathLike[str], step: int) -> Path:
+    """``<output_dir>/checkpoint-<step>``: where a complete checkpoint lives."""
+    return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+
+
+def staging_path(output_dir: str | os.PathLike[str], step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is complete (same filesystem, so rename is atomic)."""
+    return Path(output_dir) / f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Manifest:
+    """The contents of ``ckptbus.json``, written last into every complete checkpoint."""
+
+    step: int
+    kind: SaveKind
+    reason: str
+    """What asked for it; several reasons joined with ``+`` (e.g. ``schedule+file``)."""
+    created: str
+    """UTC time of the commit, ISO 8601."""
+    world_size: int
+    labels: list[str] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+    files: dict[str, int] = field(default_factory=dict)
+    """Every file of the checkpoint (path relative to it) and its size in bytes."""
+    bytes: int = 0
+    seconds: float = 0.0
+    """Wall time from the agreement to the commit."""
+    format: int = MANIFEST_FORMAT
+
+    @property
+    def on_demand(self) -> bool:
+        """True if anything other than the ``save_steps`` schedule asked for it."""
+        return any(r != SCHEDULED_REASON for r in self.reason.split("+"))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Manifest:
+        """Parse a manifest; raises :class:`CheckpointError` if a required field is missing or wrong."""
+        if not isinstance(data, dict):
+            raise CheckpointError("manifest is not a JSON object")
+        try:
+            manifest = cls(
+                step=int(data["step"]),
+                kind=data["kind"],
+                reason=str(data["reason"]),
+                created=str(data["created"]),
+                world_size=int(data["world_size"]),
+                labels=[str(x) for x in data.get("labels", [])],
+                request_ids=[str(x) for x in data.get("request_ids", [])],
+                files={str(k): int(v) for k, v in data.get("files", {}).items()},
+                bytes=int(data.get("bytes", 0)),
+                seconds=float(data.get("seconds", 0.0)),
+                format=int(data.get("format", MANIFEST_FORMAT)),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"manifest field missing or malformed: {exc}") from None
+        if manifest.kind not in SAVE_KINDS:
+            raise CheckpointError(f"manifest kind {manifest.kind!r} is not one of {SAVE_KINDS}")
+        return manifest
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointInfo:
+    """A complete checkpoint found on disk."""
+
+    path: Path
+    manifest: Manifest
+
+    @property
+    def step(self) -> int:
+        return self.manifest.step
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Validate the checkpoint at ``path``.
+
+    Raises :class:`CheckpointError` saying why it is not a complete ckptbus
+    checkpoint (no manifest, bad manifest, a listed file missing or truncated).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is not a directory")
+    try:
+        raw = (p / MANIFEST_NAME).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(f"{p} has no {MANIFEST_NAME}: it is not a complete ckptbus checkpoint") from None
+    except OSError as exc:
+        raise CheckpointError(f"{p / MANIFEST_NAME} cannot be read: {exc.strerror}") from None
+    try:
+        manifest = Manifest.from_dict(json.loads(raw))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{p / MANIFEST_NAME} is not valid JSON: {exc}") from None
+    except CheckpointError as exc:
+        raise CheckpointError(f"{p / MANIFEST_NAME}: {exc}") from None
+    for name, size in manifest.files.items():
+        try:
+            actual = (p / name).stat().st_size
+        except OSError:
+            raise CheckpointError(f"{p} is incomplete: {name} is missing") from None
+        if actual != size:
+            raise CheckpointError(f"{p} is incomplete: {name} has {actual} bytes, the manifest says {size}")
+    return CheckpointInfo(p, manifest)
+
+
+def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Complete checkpoints in ``output_dir``, oldest step first. Incomplete ones are skipped."""
+    root = Path(output_dir)
+    found: list[CheckpointInfo] = []
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        match = _CHECKPOINT_RE.match(entry.name)
+        if not match or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            info = read_checkpoint(entry.path)
+        except CheckpointError as exc:
+            logger.debug("ckptbus: skipping %s: %s", entry.path, exc)
+            continue
+        if info.step != int(match.group(1)):
+            logger.debug("ckptbus: skipping %s: manifest says step %d", entry.path, info.step)
+            continue
+        found.append(info)
+    found.sort(key=lambda c: c.step)
+    return found
+
+
+def latest_full(output_dir: str | os.PathLike[str]) -> CheckpointInfo | None:
+    """The newest complete checkpoint of kind ``full``, or None."""
+    full = [c for c in list_checkpoints(output_dir) if c.manifest.kind == "full"]
+    return full[-1] if full else None
+
+
+# --------------------------------------------------------------------------
+# Writing.
+# --------------------------------------------------------------------------
+
+
+def _fsync_path(path: Path, directory: bool) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> dict[str, int]:
+    """fsync every file and directory under ``root``; return {relative path: size}."""
+    files: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        d = Path(dirpath)
+        for name in filenames:
+            f = d / name
+            _fsync_path(f, directory=False)
+            files[str(f.relative_to(root))] = f.stat().st_size
+        _fsync_path(d, directory=True)
+        dirnames.sort()
+    return files
+
+
+def prepare_staging(output_dir: str | os.PathLike[str], step: int) -> Path:
+    """Create an empty staging directory for ``step`` (removing a leftover of the same name)."""
+    staging = staging_path(output_dir, step)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def commit(staging: Path, final: Path, manifest_fields: dict[str, Any]) -> Manifest:
+    """Make ``staging`` the complete checkpoint ``final``.
+
+    fsyncs every file, writes the manifest last (through a temporary file),
+    renames the directory and fsyncs the parent. If ``final`` already exists
+    and is a complete ckptbus checkpoint it is replaced; any other directory
+    of that name is moved aside to ``<final>.orphaned-<time>`` and kept.
+    """
+    files = fsync_tree(staging)
+    manifest = Manifest(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        files=files,
+        bytes=sum(files.values()),
+        **manifest_fields,
+    )
+    tmp = staging / (MANIFEST_NAME + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(manifest.to_json())
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, staging / MANIFEST_NAME)
+    _fsync_path(staging, directory=True)
+
+    trash: Path | None = None
+    if final.exists() or final.is_symlink():
+        try:
+            read_checkpoint(final)
+            trash = final.parent / f"{TRASH_PREFIX}{final.name}-{time.time_ns()}"
+        except CheckpointError:
+            trash = final.parent / f"{final.name}.orphaned-{int(time.time())}"
+            logger.warning(
+                "ckptbus: %s exists but is not a complete ckptbus checkpoint; moved it to %s and kept it",
+                final,
+                trash,
+            )
+        os.rename(final, trash)
+    os.rename(staging, final)
+    _fsync_path(final.parent, directory=True)
+    if trash is not None and trash.name.startswith(TRASH_PREFIX):
+        shutil.rmtree(trash, ignore_errors=True)
+    return manifest
+
+
+def discard(staging: Path) -> None:
+    """Remove a staging directory after a failed save (never a complete checkpoint)."""
+    if staging.name.startswith(STAGING_PREFIX):
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def clean_leftovers(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove staging and trash directories of interrupted saves; return what was removed."""
+    root = Path(output_dir)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(root))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def rotation_victims(checkpoints: Iterable[CheckpointInfo], limit: int | None) -> list[CheckpointInfo]:
+    """Which checkpoints ``save_total_limit`` deletes.
+
+    The rule: only checkpoints made by the ``save_steps`` schedule count
+    toward the limit and can be deleted, oldest first; checkpoints asked for
+    on demand (file, signal, socket, API) are kept. The newest full
+    checkpoint is never deleted, whatever its reason.
+    """
+    ordered = sorted(checkpoints, key=lambda c: c.step)
+    if limit is None:
+        return []
+    full = [c for c in ordered if c.manifest.kind == "full"]
+    newest_full = full[-1].path if full else None
+    scheduled = [c for c in ordered if not c.manifest.on_demand]
+    excess = scheduled[: max(0, len(scheduled) - limit)]
+    return [c for c in excess if c.path != newest_full]
+
+
+def rotate(output_dir: str | os.PathLike[str], limit: int | None) -> list[Path]:
+    """Delete the checkpoints :func:`rotation_victims` names; return their paths.
+
+    Each is first renamed to a trash name (atomic: it stops being listed at
+    once), then removed.
+    """
+    deleted: list[Path] = []
+    for victim in rotation_victims(list_checkpoints(output_dir), limit):
+        trash = victim.path.parent / f"{TRASH_PREFIX}{victim.path.name}-{time.time_ns()}"
+        os.rename(victim.path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        deleted.append(victim.path)
+    return deleted

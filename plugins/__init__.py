@@ -1,0 +1,22 @@
+"""What plugs into the ckptbus core: trigger sources and the accelerate sink.
+
+``DynamicCheckpoint`` is imported lazily so that importing one trigger
+source does not import torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .dynamic_checkpoint import DynamicCheckpoint
+
+__all__ = ["DynamicCheckpoint"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DynamicCheckpoint":
+        from .dynamic_checkpoint import DynamicCheckpoint
+
+        return DynamicCheckpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

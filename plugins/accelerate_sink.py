@@ -1,0 +1,224 @@
+"""The accelerate sink: every rank saves the agreed step into staging; the main process commits.
+
+The sequence for one save (all on the training thread of every rank):
+
+1. ``save_started`` is published.
+2. The committing process (the main process; with ``save_on_each_node`` the
+   main process of each node) creates the staging directory; a collective
+   tells every rank whether that worked (and doubles as the barrier).
+3. Every rank calls ``accelerator.save_state`` (full) or
+   ``accelerator.save_model`` (weights): accelerate gathers inside them, so a
+   main-process-only call would hang under FSDP/DeepSpeed.
+4. A collective counts failures: if any rank failed, all ranks report
+   ``save_failed`` and the staging directory is removed.
+5. The committer fsyncs, writes the manifest last, renames staging to
+   ``checkpoint-<step>``, then rotates old checkpoints; a last collective
+   tells every rank whether the commit worked before ``save_completed`` or
+   ``save_failed`` is published.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+
+from ckptbus import Bus, SaveCompleted, SaveFailed, SaveStarted, SetupError
+from ckptbus._coordinator import Decision
+from ckptbus._layout import checkpoint_path, commit, discard, prepare_staging, rotate, staging_path
+
+logger = logging.getLogger("ckptbus")
+
+
+class TorchExchange:
+    """Element-wise max of a small int vector over all ranks with ``torch.distributed``.
+
+    The tensor lives where the backend wants it (CUDA for NCCL, CPU for
+    gloo). With one process nothing is exchanged.
+    """
+
+    def __init__(self, accelerator: Accelerator) -> None:
+        self.world_size = accelerator.num_processes
+        self.device = torch.device("cpu")
+        if self.world_size > 1 and dist.get_backend() == "nccl":
+            self.device = accelerator.device
+
+    def __call__(self, vote: Sequence[int]) -> list[int]:
+        if self.world_size == 1:
+            return list(vote)
+        tensor = torch.tensor(list(vote), dtype=torch.int64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return [int(x) for x in tensor.tolist()]
+
+
+def check_world(accelerator: Accelerator) -> None:
+    """Refuse a run where accelerate and torch.distributed disagree on the number of ranks.
+
+    That happens with ``accelerate launch --multi_gpu`` on a machine without
+    a GPU when the script makes ``Accelerator()`` without ``cpu=True``: every
+    rank then believes it is the only (main) process and all of them would
+    write the same checkpoint.
+    """
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        if world != accelerator.num_processes:
+            raise SetupError(
+                f"torch.distributed has {world} ranks but the Accelerator sees {accelerator.num_processes} "
+                f"process(es) (distributed type {accelerator.distributed_type}). On a machine without a GPU, "
+                "create the Accelerator with Accelerator(cpu=True) (or set ACCELERATE_USE_CPU=1) so that "
+                "every rank takes part."
+            )
+
+
+class AccelerateSink:
+    """Carries out a :class:`~ckptbus._coordinator.Decision` with accelerate. See the module docstring."""
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        bus: Bus,
+        output_dir: str | os.PathLike[str],
+        exchange: TorchExchange,
+        *,
+        model: torch.nn.Module | None = None,
+        save_total_limit: int | None = None,
+    ) -> None:
+        self.accelerator = accelerator
+        self.bus = bus
+        self.output_dir = Path(output_dir)
+        self.exchange = exchange
+        self._model = model
+        self.save_total_limit = save_total_limit
+
+    @property
+    def is_committer(self) -> bool:
+        """Whether this process renames staging into place (one per shared filesystem)."""
+        if self.accelerator.project_configuration.save_on_each_node:
+            return bool(self.accelerator.is_local_main_process)
+        return bool(self.accelerator.is_main_process)
+
+    def model(self) -> torch.nn.Module:
+        """The model a weights save writes: the one given, or the one model prepared by accelerate."""
+        if self._model is not None:
+            return self._model
+        models: list[Any] = list(getattr(self.accelerator, "_models", []))
+        if len(models) != 1:
+            raise SetupError(
+                f"a weights checkpoint needs to know which model to save, and accelerate has {len(models)} "
+                "prepared models; pass model=... to DynamicCheckpoint"
+            )
+        model: torch.nn.Module = models[0]
+        return model
+
+    def execute(self, decision: Decision) -> SaveCompleted | SaveFailed:
+        """Save ``decision.step`` on every rank; publish and return the outcome. Call on every rank."""
+        step, kind = decision.step, decision.kind
+        final = checkpoint_path(self.output_dir, step)
+        staging = staging_path(self.output_dir, step)
+        labels = tuple(r.label for r in decision.requests if r.label)
+        common: dict[str, Any] = {
+            "step": step,
+            "kind": kind,
+            "reasons": decision.reasons,
+            "request_ids": tuple(r.request_id for r in decision.requests),
+            "labels": labels,
+            "exit_after": decision.exit_after,
+        }
+        self.bus.publish(SaveStarted(path=str(final), **common))
+        started = time.perf_counter()
+        committed_bytes = 0
+
+        def prepare() -> None:
+            if self.is_committer:
+                prepare_staging(self.output_dir, step)
+
+        def write() -> None:
+            self._write(kind, staging)
+
+        def finish() -> None:
+            nonlocal committed_bytes
+            if self.is_committer:
+                manifest = commit(
+                    staging,
+                    final,
+                    {
+                        "step": step,
+                        "kind": kind,
+                        "reason": decision.reason,
+                        "world_size": self.accelerator.num_processes,
+                        "labels": list(labels),
+                        "request_ids": list(common["request_ids"]),
+                        "seconds": round(time.perf_counter() - started, 3),
+                    },
+                )
+                committed_bytes = manifest.bytes
+
+        stages = (("creating the staging directory", prepare), ("writing", write), ("committing", finish))
+        for what, stage in stages:
+            error = self._run_agreed(what, stage)
+            if error is not None:
+                if self.is_committer:
+                    discard(staging)
+                if self.accelerator.is_main_process or "another rank failed" not in error:
+                    logger.error("ckptbus: %s checkpoint at step %d failed: %s", kind, step, error)
+                failed = SaveFailed(error=error, **common)
+                self.bus.publish(failed)
+                return failed
+
+        seconds = time.perf_counter() - started
+        self._rotate()
+        nbytes = self.exchange([committed_bytes])[0]  # every rank reports the size the committer measured
+        if self.accelerator.is_main_process:
+            logger.info("ckptbus: saved %s checkpoint %s (%d bytes) in %.2f s", kind, final, nbytes, seconds)
+        completed = SaveCompleted(path=str(final), bytes=nbytes, seconds=seconds, **common)
+        self.bus.publish(completed)
+        return completed
+
+    # -- the stages ---------------------------------------------------------
+
+    def _run_agreed(self, what: str, stage: Callable[[], None]) -> str | None:
+        """Run ``stage`` here, then agree with every rank: None if it worked everywhere, else why not.
+
+        The collective is also the barrier between stages.
+        """
+        error: str | None = None
+        try:
+            stage()
+        except Exception as exc:  # noqa: BLE001 - any failure is agreed on, reported, and survived
+            logger.debug("ckptbus: %s failed", what, exc_info=exc)
+            error = f"{what}: {type(exc).__name__}: {exc}"
+        failed_anywhere = self.exchange([int(error is not None)])[0]
+        if error is None and failed_anywhere:
+            error = f"{what}: another rank failed (see its log)"
+        return error
+
+    def _write(self, kind: str, staging: Path) -> None:
+        if kind == "full":
+            self.accelerator.save_state(str(staging))
+            return
+        model = self.model()
+        self.accelerator.save_model(model, str(staging), safe_serialization=True)
+        if self.is_committer:
+            self._save_model_config(model, staging)
+
+    def _save_model_config(self, model: torch.nn.Module, staging: Path) -> None:
+        """Write config.json beside the weights so ``from_pretrained(checkpoint)`` works."""
+        config = getattr(self.accelerator.unwrap_model(model), "config", None)
+        if config is not None and callable(getattr(config, "save_pretrained", None)):
+            config.save_pretrained(str(staging))
+
+    def _rotate(self) -> None:
+        if not self.is_committer or self.save_total_limit is None:
+            return
+        try:
+            for path in rotate(self.output_dir, self.save_total_limit):
+                logger.info("ckptbus: save_total_limit=%d: deleted %s", self.save_total_limit, path)
+        except OSError as exc:
+            logger.warning("ckptbus: rotation failed (%s); older checkpoints are kept", exc)

@@ -1,0 +1,261 @@
+"""DynamicCheckpoint: ckptbus for a hand-written accelerate training loop.
+
+Adopting it takes three lines::
+
+    from ckptbus.plugins import DynamicCheckpoint
+    ckpt = DynamicCheckpoint(accelerator, "outputs/run1")      # or a CheckpointConfig
+    ...
+        optimizer.step(); scheduler.step(); optimizer.zero_grad()
+        if ckpt.step(global_step):                              # True: training must stop
+            break
+    ckpt.close()
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from types import TracebackType
+
+import torch
+from accelerate import Accelerator
+
+from ckptbus import (
+    Bus,
+    CheckpointConfig,
+    CheckpointError,
+    DynamicCheckpointConfig,
+    EventLog,
+    SaveCompleted,
+    SaveFailed,
+    SaveKind,
+    SaveRequested,
+)
+from ckptbus._coordinator import Coordinator, Decision
+from ckptbus._eventlog import EVENT_LOG_NAME
+from ckptbus._layout import clean_leftovers, latest_full, read_checkpoint
+from ckptbus._source import TriggerSource
+
+from .accelerate_sink import AccelerateSink, TorchExchange, check_world
+from .file_trigger import FileTrigger
+
+logger = logging.getLogger("ckptbus")
+
+
+class DynamicCheckpoint:
+    """Wires the bus, the trigger sources, the coordinator and the accelerate sink for one run.
+
+    Create it on every rank after ``accelerator.prepare``; call :meth:`step`
+    on every rank after each optimizer step, with the number of optimizer
+    steps done so far; call :meth:`close` on every rank at the end (or use it
+    as a context manager).
+
+    ``config`` is a :class:`~ckptbus.CheckpointConfig`, or an output
+    directory (on-demand checkpoints enabled with default settings).
+    ``model`` is the model a weights checkpoint saves (default: the one
+    model prepared by accelerate). ``sources`` adds trigger sources of your
+    own to those the config enables.
+
+    Raises :class:`~ckptbus.SetupError` if accelerate and torch.distributed
+    disagree on the number of ranks.
+    """
+
+    def __init__(
+        self,
+        accelerator: Accelerator,
+        config: CheckpointConfig | str | os.PathLike[str],
+        *,
+        model: torch.nn.Module | None = None,
+        sources: Iterable[TriggerSource] = (),
+    ) -> None:
+        if not isinstance(config, CheckpointConfig):
+            config = CheckpointConfig(output_dir=os.fspath(config), dynamic_checkpoint=DynamicCheckpointConfig(enabled=True))
+        check_world(accelerator)
+        self.accelerator = accelerator
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.bus = Bus()
+        """The run's bus: subscribe to ``save_completed`` and friends here."""
+        self._last_step = 0
+        self._stop = False
+        self._closed = False
+        self._saved: dict[int, SaveCompleted] = {}
+
+        dyn = config.dynamic_checkpoint
+        self._event_log: EventLog | None = None
+        if dyn.event_log and accelerator.is_main_process:
+            self._event_log = EventLog(self.output_dir / EVENT_LOG_NAME).attach(self.bus)
+
+        exchange = TorchExchange(accelerator)
+        self._coordinator = Coordinator(exchange, check_interval=dyn.check_interval, save_steps=config.save_steps)
+        self.bus.subscribe("save_requested", self._coordinator.enqueue)
+        self._sink = AccelerateSink(
+            accelerator, self.bus, self.output_dir, exchange, model=model, save_total_limit=config.save_total_limit
+        )
+        if self._sink.is_committer:
+            for leftover in clean_leftovers(self.output_dir):
+                logger.warning("ckptbus: removed %s, left by a save that was interrupted", leftover)
+
+        self._sources: list[TriggerSource] = []
+        if dyn.enabled:
+            self._sources.append(
+                FileTrigger(
+                    self.bus,
+                    self.output_dir,
+                    dyn.trigger_file_path,
+                    check_interval=dyn.check_interval,
+                    is_main_process=accelerator.is_main_process,
+                )
+            )
+        self._sources.extend(sources)
+        for source in self._sources:
+            source.start()
+
+    # -- the training loop --------------------------------------------------
+
+    def step(self, step: int) -> bool:
+        """Call after every optimizer step, on every rank. Returns True when training must stop.
+
+        ``step`` is the number of optimizer steps done (the global step);
+        checkpoints are named after it. Under gradient accumulation, calls
+        where accelerate did not sync gradients are ignored, so a save never
+        lands in the middle of an accumulation.
+        """
+        if self._closed:
+            raise RuntimeError("DynamicCheckpoint.step() called after close()")
+        if not self.accelerator.sync_gradients:
+            return False
+        self._last_step = step
+        for source in self._sources:
+            source.poll(step)
+        decision = self._coordinator.decide(step)
+        if decision is not None:
+            self._carry_out(decision)
+        return self._stop
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the ranks agreed to stop (after a save that asked to exit)."""
+        return self._stop
+
+    def request(self, kind: SaveKind = "full", *, label: str | None = None, exit_after: bool = False) -> str:
+        """Ask for a checkpoint from any thread; returns the request id.
+
+        It is saved at the next step where ranks vote (within
+        ``check_interval`` steps); watch ``bus.save_completed`` for the result.
+        """
+        request = SaveRequested(kind=kind, reason="api", label=label, exit_after=exit_after)
+        self.bus.publish(request)
+        return request.request_id
+
+    def resume(self, checkpoint: str | os.PathLike[str] | None = None) -> int:
+        """Load a full checkpoint with ``accelerator.load_state``; return its step (0 if nothing to resume).
+
+        ``checkpoint`` is a path, ``"latest"`` (the newest complete full
+        checkpoint in ``output_dir``; a fresh start if there is none), or
+        None for the config's ``resume_from_checkpoint``. Raises
+        :class:`~ckptbus.CheckpointError` for a path that is incomplete or a
+        weights-only checkpoint.
+        """
+        target = checkpoint if checkpoint is not None else self.config.resume_from_checkpoint
+        if target is None:
+            return 0
+        if os.fspath(target) == "latest":
+            info = latest_full(self.output_dir)
+            if info is None:
+                logger.info("ckptbus: resume_from_checkpoint=latest: no complete full checkpoint in %s; starting fresh", self.output_dir)
+                return 0
+        else:
+            info = read_checkpoint(target)
+            if info.manifest.kind != "full":
+                raise CheckpointError(
+                    f"{info.path} is a weights-only checkpoint (model.safetensors, no optimizer or RNG state); it "
+                    "cannot resume training. Pick a full checkpoint (`ckptbus list --output-dir ...` shows the kinds) "
+                    "or load these weights with from_pretrained."
+                )
+        self.accelerator.load_state(str(info.path))
+        self._last_step = info.step
+        logger.info("ckptbus: resumed from %s at step %d", info.path, info.step)
+        return info.step
+
+    # -- the end ------------------------------------------------------------
+
+    def close(self) -> None:
+        """End of training, on every rank: serve requests still pending, stop the sources.
+
+        Pending requests from any rank are saved at the last step (this is a
+        collective: every rank must call close). Safe to call twice.
+        """
+        if self._closed:
+            return
+        try:
+            decision = self._coordinator.decide(self._last_step, force=True, scheduled=False)
+            if decision is not None:
+                self._carry_out(decision)
+        finally:
+            self._shutdown("training ended")
+
+    def abort(self, why: str = "training stopped with an error") -> None:
+        """Release everything without any collective (for error paths); pending requests fail with ``why``."""
+        if not self._closed:
+            self._shutdown(why)
+
+    def __enter__(self) -> DynamicCheckpoint:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.abort(f"training stopped with {exc_type.__name__ if exc_type else 'an error'}")
+
+    # -- internals ----------------------------------------------------------
+
+    def _carry_out(self, decision: Decision) -> None:
+        earlier = self._saved.get(decision.step)
+        if earlier is not None and (earlier.kind == "full" or decision.kind == "weights"):
+            # This step is already on disk in a kind that covers the request: answer with it.
+            self.bus.publish(
+                SaveCompleted(
+                    step=decision.step,
+                    kind=earlier.kind,
+                    reasons=decision.reasons,
+                    request_ids=tuple(r.request_id for r in decision.requests),
+                    labels=tuple(r.label for r in decision.requests if r.label),
+                    exit_after=decision.exit_after,
+                    path=earlier.path,
+                    bytes=earlier.bytes,
+                    seconds=0.0,
+                )
+            )
+        else:
+            outcome = self._sink.execute(decision)
+            if isinstance(outcome, SaveCompleted):
+                self._saved[decision.step] = outcome
+        if decision.exit_after:
+            self._stop = True
+
+    def _shutdown(self, why: str) -> None:
+        self._closed = True
+        for request in self._coordinator.drain():
+            self.bus.publish(
+                SaveFailed(
+                    step=self._last_step,
+                    kind=request.kind,
+                    reasons=(request.reason,),
+                    request_ids=(request.request_id,),
+                    labels=(request.label,) if request.label else (),
+                    exit_after=request.exit_after,
+                    error=f"{why} before the request could be served",
+                )
+            )
+        for source in reversed(self._sources):
+            try:
+                source.close()
+            except Exception:  # noqa: BLE001 - closing one source must not keep the others open
+                logger.exception("ckptbus: closing %r failed", source)
+        if self._event_log is not None:
+            self._event_log.detach()

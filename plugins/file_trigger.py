@@ -1,0 +1,135 @@
+"""File trigger: ``touch <output_dir>/<trigger_file_path>`` asks for a full checkpoint.
+
+The main process looks for the file every ``check_interval`` optimizer
+steps. Seeing it publishes one ``save_requested`` (reason ``file``); the file
+is deleted only when every rank agreed to save (on ``save_started``), so a
+failure before that keeps the request. It can be touched again any number
+of times.
+
+Anything at that path that is not a regular file (a directory, a dangling
+symlink, a FIFO, a path that cannot be inspected) gets one warning per state
+and is otherwise ignored: never a save on every interval, never a crash. A
+trigger file already there at start-up is left from an earlier run: it is
+removed with a warning instead of firing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+from ckptbus import Bus, SaveRequested, SaveStarted
+
+logger = logging.getLogger("ckptbus")
+
+
+class FileTrigger:
+    """Polls for the trigger file on the main process. See the module docstring."""
+
+    def __init__(self, bus: Bus, output_dir: str | os.PathLike[str], file_name: str, *, check_interval: int, is_main_process: bool) -> None:
+        self.bus = bus
+        self.path = Path(output_dir) / file_name
+        self.check_interval = check_interval
+        self.is_main_process = is_main_process
+        self._outstanding: str | None = None  # request id published and not yet agreed on
+        self._warned_state: str | None = None
+        # A trigger file we could not delete: (dev, inode, mtime) it had, so it
+        # does not fire again until somebody touches it again.
+        self._spent: tuple[int, int, int] | None = None
+
+    def start(self) -> None:
+        if not self.is_main_process:
+            return
+        self.bus.subscribe("save_started", self._on_save_started)
+        st = self._inspect()
+        if st is not None:
+            logger.warning(
+                "ckptbus: trigger file %s was already there at start-up (left from an earlier run); "
+                "removed it without saving. Touch it again to ask for a checkpoint.",
+                self.path,
+            )
+            self._remove(st)
+
+    def close(self) -> None:
+        if self.is_main_process:
+            self.bus.unsubscribe("save_started", self._on_save_started)
+
+    def poll(self, step: int) -> None:
+        if not self.is_main_process or step % self.check_interval != 0 or self._outstanding is not None:
+            return
+        st = self._inspect()
+        if st is None or self._identity(st) == self._spent:
+            return
+        request = SaveRequested(kind="full", reason="file")
+        self._outstanding = request.request_id
+        logger.info("ckptbus: trigger file %s seen at step %d; asking every rank to save", self.path, step)
+        self.bus.publish(request)
+
+    def _on_save_started(self, event: SaveStarted) -> None:
+        if self._outstanding is None or self._outstanding not in event.request_ids:
+            return
+        self._outstanding = None
+        st = self._inspect(warn=False)
+        if st is not None:
+            self._remove(st)
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple[int, int, int]:
+        return (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+    def _remove(self, st: os.stat_result) -> None:
+        try:
+            os.unlink(self.path)
+            self._spent = None
+        except FileNotFoundError:
+            self._spent = None
+        except OSError as exc:
+            self._spent = self._identity(st)
+            logger.warning(
+                "ckptbus: cannot delete trigger file %s (%s); it will not fire again until it is touched again. "
+                "Check the permissions of %s.",
+                self.path,
+                exc.strerror,
+                self.path.parent,
+            )
+
+    def _inspect(self, warn: bool = True) -> os.stat_result | None:
+        """The stat of the trigger if it is a regular file (or a link to one), else None (warning once per state)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            if os.path.islink(self.path):
+                return self._warn(
+                    warn,
+                    "dangling",
+                    f"trigger path {self.path} is a symlink to {os.readlink(self.path)!r}, which does not exist; "
+                    f"ignoring it. Remove it (rm {self.path}) and touch a regular file instead.",
+                )
+            self._warned_state = None
+            self._spent = None
+            return None
+        except OSError as exc:
+            return self._warn(
+                warn,
+                f"error:{exc.errno}",
+                f"cannot inspect trigger path {self.path} ({exc.strerror}); ignoring it. "
+                f"Check the permissions of {self.path.parent}.",
+            )
+        if stat.S_ISREG(st.st_mode):
+            self._warned_state = None
+            return st
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        return self._warn(
+            warn,
+            f"mode:{stat.S_IFMT(st.st_mode)}",
+            f"trigger path {self.path} is {what}; ignoring it (it will not trigger saves). "
+            f"Remove it and use `touch {self.path}` to ask for a checkpoint.",
+        )
+
+    def _warn(self, warn: bool, state: str, message: str) -> None:
+        if warn and self._warned_state != state:
+            logger.warning("ckptbus: %s", message)
+            self._warned_state = state
+        return None

@@ -1,0 +1,237 @@
+"""Reference training script: a tiny GPT-2 with on-demand checkpoints.
+
+    accelerate launch --multi_gpu --num_processes 2 train.py --config configs/tiny.yaml
+    python train.py --config configs/tiny.yaml
+
+The model is built from a config (no download) and the data is made here
+from the seed: sequences drawn from a fixed random Markov chain, so the loss
+falls from ln(vocab_size) toward the chain's entropy and every run with the
+same seed sees the same data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_warmup
+
+from ckptbus import CheckpointConfig, CkptbusError, load_config
+from ckptbus.plugins import DynamicCheckpoint
+
+logger = logging.getLogger("train")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """The ``model`` block: GPT-2 sizes."""
+
+    n_layer: int = 2
+    """Transformer blocks."""
+    n_head: int = 2
+    """Attention heads (must divide n_embd)."""
+    n_embd: int = 64
+    """Hidden size."""
+    vocab_size: int = 64
+    """Tokens in the synthetic language."""
+
+    def __post_init__(self) -> None:
+        for key in ("n_layer", "n_head", "n_embd", "vocab_size"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ValueError(f"config key 'model.{key}': got {value!r}, expected a whole number >= 1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"config key 'model.n_head': {self.n_head} does not divide model.n_embd={self.n_embd}")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """The training keys of the YAML file (beside ckptbus's own keys)."""
+
+    max_steps: int = 200
+    """Optimizer steps to train for."""
+    seed: int = 42
+    """Seeds the data, the model initialisation and every RNG."""
+    learning_rate: float = 1e-3
+    """Peak learning rate of AdamW."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 10
+    """Linear warm-up steps, then linear decay to 0 at max_steps."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    gradient_accumulation_steps: int = 1
+    """Forward passes per optimizer step."""
+    sequence_len: int = 32
+    """Tokens per sequence."""
+    dataset_size: int = 1024
+    """Sequences in the synthetic data set."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """GPT-2 sizes."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "dataset_size"):
+            value = getattr(self, key)
+            if value < 1:
+                raise ValueError(f"config key '{key}': got {value!r}, expected a whole number >= 1")
+        if self.warmup_steps < 0 or self.learning_rate <= 0 or self.weight_decay < 0:
+            raise ValueError("config keys 'warmup_steps', 'weight_decay' must be >= 0 and 'learning_rate' > 0")
+
+
+def make_data(cfg: TrainConfig) -> TensorDataset:
+    """Sequences from a random Markov chain with a few likely successors per token."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    vocab = cfg.model.vocab_size
+    logits = torch.randn(vocab, vocab, generator=gen) * 3.0
+    probs = torch.softmax(logits, dim=-1)
+    tokens = torch.empty(cfg.dataset_size, cfg.sequence_len, dtype=torch.long)
+    tokens[:, 0] = torch.randint(vocab, (cfg.dataset_size,), generator=gen)
+    for t in range(1, cfg.sequence_len):
+        tokens[:, t] = torch.multinomial(probs[tokens[:, t - 1]], 1, generator=gen).squeeze(1)
+    return TensorDataset(tokens)
+
+
+def make_model(cfg: TrainConfig) -> GPT2LMHeadModel:
+    config = GPT2Config(
+        vocab_size=cfg.model.vocab_size,
+        n_positions=cfg.sequence_len,
+        n_embd=cfg.model.n_embd,
+        n_layer=cfg.model.n_layer,
+        n_head=cfg.model.n_head,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("--output-dir", help="override output_dir")
+    parser.add_argument("--max-steps", type=int, help="override max_steps")
+    parser.add_argument("--resume-from-checkpoint", help="override resume_from_checkpoint: a path or 'latest'")
+    return parser.parse_args(argv)
+
+
+def load(args: argparse.Namespace) -> tuple[CheckpointConfig, TrainConfig]:
+    try:
+        ckpt_cfg, train_cfg = load_config(args.config, TrainConfig)
+    except ValueError as exc:  # ConfigError is a ValueError; so are the checks of TrainConfig
+        raise SystemExit(f"train.py: {exc}") from None
+    if args.output_dir:
+        ckpt_cfg = dataclasses.replace(ckpt_cfg, output_dir=args.output_dir)
+    if args.resume_from_checkpoint:
+        ckpt_cfg = dataclasses.replace(ckpt_cfg, resume_from_checkpoint=args.resume_from_checkpoint)
+    if args.max_steps is not None:
+        train_cfg = dataclasses.replace(train_cfg, max_steps=args.max_steps)
+    return ckpt_cfg, train_cfg
+
+
+def has_accelerator() -> bool:
+    return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+
+
+def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig) -> int:
+    # Without cpu=True, `accelerate launch --multi_gpu` on a machine with no GPU
+    # gives every rank an Accelerator that believes it is alone.
+    accelerator = Accelerator(
+        cpu=not has_accelerator(),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    set_seed(cfg.seed)
+    model = make_model(cfg)
+    loader = DataLoader(make_data(cfg), batch_size=cfg.micro_batch_size, shuffle=True, drop_last=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+
+    with DynamicCheckpoint(accelerator, ckpt_cfg) as ckpt:
+        step = ckpt.resume()
+        return run_loop(accelerator, ckpt, model, optimizer, loader, scheduler, cfg, step)
+
+
+def run_loop(
+    accelerator: Accelerator,
+    ckpt: DynamicCheckpoint,
+    model: Any,
+    optimizer: Any,
+    loader: Any,
+    scheduler: Any,
+    cfg: TrainConfig,
+    step: int,
+) -> int:
+    steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
+    if steps_per_epoch < 1:
+        raise SystemExit("train.py: dataset_size is too small for one optimizer step; raise dataset_size")
+    metrics_path = Path(ckpt.config.output_dir) / "metrics.jsonl"
+    progress = tqdm(
+        total=cfg.max_steps,
+        initial=step,
+        desc="train",
+        disable=not accelerator.is_main_process,
+        mininterval=0.1 if sys.stderr.isatty() else 5.0,  # a log file gets a line every few seconds, not every step
+    )
+    model.train()
+    epoch = step // steps_per_epoch
+    while step < cfg.max_steps:
+        loader.set_epoch(epoch)
+        # Resuming mid-epoch: skip the batches of this epoch that were already trained on.
+        done_in_epoch = (step - epoch * steps_per_epoch) * cfg.gradient_accumulation_steps
+        batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+        for (input_ids,) in batches:
+            with accelerator.accumulate(model):
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            mean_loss = accelerator.reduce(loss.detach(), "mean").item()
+            if accelerator.is_main_process:
+                record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "time": time.time()}
+                with open(metrics_path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                progress.update(1)
+                progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
+            if ckpt.step(step) or step >= cfg.max_steps:
+                break
+        else:
+            epoch += 1
+            continue
+        break
+    progress.close()
+    if accelerator.is_main_process:
+        logger.info("training ended at step %d (max_steps %d)", step, cfg.max_steps)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    # accelerate logs every file it writes at INFO, and warns on every save that
+    # GPT-2's tied lm_head is stored once (expected, and restored on load).
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
+    args = parse_args(argv)
+    ckpt_cfg, cfg = load(args)
+    try:
+        code = train(ckpt_cfg, cfg)
+    except CkptbusError as exc:
+        logger.error("%s", exc)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
