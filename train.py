@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
+from ckptbus.plugins import DynamicCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_warmup
 
 from ckptbus import CheckpointConfig, CkptbusError, load_config
-from ckptbus.plugins import DynamicCheckpoint
 
 logger = logging.getLogger("train")
 
@@ -152,7 +152,7 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig) -> int:
     model = make_model(cfg)
     loader = DataLoader(make_data(cfg), batch_size=cfg.micro_batch_size, shuffle=True, drop_last=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)  # type: ignore[no-untyped-call]
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
     with DynamicCheckpoint(accelerator, ckpt_cfg) as ckpt:

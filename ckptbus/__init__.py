@@ -8,8 +8,8 @@ live in :mod:`ckptbus.plugins`.
 from ._bus import SIGNAL_NAMES, Bus
 from ._config import CheckpointConfig, DynamicCheckpointConfig, load_config
 from ._errors import CheckpointError, CkptbusError, ConfigError, SetupError
-from ._events import ReceiverFailed, SaveCompleted, SaveFailed, SaveKind, SaveRequested, SaveStarted
 from ._eventlog import EventLog
+from ._events import ReceiverFailed, SaveCompleted, SaveFailed, SaveKind, SaveRequested, SaveStarted
 from ._layout import CheckpointInfo, Manifest, checkpoint_path, latest_full, list_checkpoints, read_checkpoint
 
 __all__ = [

@@ -25,7 +25,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, Final, TypeVar
 
-from blinker import Signal
+from blinker import NamedSignal
 
 from ._events import Event, ReceiverFailed, SaveCompleted, SaveFailed, SaveRequested, SaveStarted
 
@@ -39,18 +39,18 @@ SIGNAL_NAMES: Final = ("save_requested", "save_started", "save_completed", "save
 class Bus:
     """The signals of one run. See the module docstring for the threading rules."""
 
-    __slots__ = ("save_requested", "save_started", "save_completed", "save_failed", "receiver_failed", "_lock")
+    __slots__ = ("_lock", "receiver_failed", "save_completed", "save_failed", "save_requested", "save_started")
 
     def __init__(self) -> None:
-        self.save_requested = Signal("save_requested")
+        self.save_requested = NamedSignal("save_requested")
         """A :class:`~ckptbus.SaveRequested`: somebody asked for a checkpoint."""
-        self.save_started = Signal("save_started")
+        self.save_started = NamedSignal("save_started")
         """A :class:`~ckptbus.SaveStarted`: all ranks agreed, writing begins."""
-        self.save_completed = Signal("save_completed")
+        self.save_completed = NamedSignal("save_completed")
         """A :class:`~ckptbus.SaveCompleted`: the checkpoint is complete on disk."""
-        self.save_failed = Signal("save_failed")
+        self.save_failed = NamedSignal("save_failed")
         """A :class:`~ckptbus.SaveFailed`: nothing was made visible."""
-        self.receiver_failed = Signal("receiver_failed")
+        self.receiver_failed = NamedSignal("receiver_failed")
         """A :class:`~ckptbus.ReceiverFailed`: a receiver raised (it was logged)."""
         # Receivers may be connected from user threads while the training
         # thread publishes; blinker's own structures are not documented as
@@ -85,10 +85,10 @@ class Bus:
         for receiver in receivers:
             try:
                 receiver(event)
-            except Exception as exc:  # noqa: BLE001 - a user receiver may raise anything
+            except Exception as exc:
                 self._report_receiver_error(signal, receiver, exc)
 
-    def _report_receiver_error(self, signal: Signal, receiver: Callable[..., Any], exc: Exception) -> None:
+    def _report_receiver_error(self, signal: NamedSignal, receiver: Callable[..., Any], exc: Exception) -> None:
         name = getattr(receiver, "__qualname__", repr(receiver))
         logger.warning(
             "ckptbus: receiver %s of %s raised %s: %s (training continues)",
@@ -102,13 +102,13 @@ class Bus:
             return  # never recurse: a failing error handler is only logged
         self.publish(ReceiverFailed(signal=str(signal.name), receiver=name, error=f"{type(exc).__name__}: {exc}"))
 
-    def _signal(self, name: str) -> Signal:
+    def _signal(self, name: str) -> NamedSignal:
         if name not in SIGNAL_NAMES:
             raise ValueError(f"unknown bus signal {name!r}; the signals are {', '.join(SIGNAL_NAMES)}")
-        signal: Signal = getattr(self, name)
+        signal: NamedSignal = getattr(self, name)
         return signal
 
-    def _signal_for(self, event: Event) -> Signal:
+    def _signal_for(self, event: Event) -> NamedSignal:
         if isinstance(event, SaveRequested):
             return self.save_requested
         if isinstance(event, SaveStarted):

@@ -95,7 +95,12 @@ class CheckpointConfig:
     """On-demand checkpoints: see :class:`DynamicCheckpointConfig`."""
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir", self.output_dir, "a directory path")
+        _check(
+            isinstance(self.output_dir, str) and self.output_dir != "",
+            "output_dir",
+            self.output_dir,
+            "a directory path",
+        )
         _check(
             self.save_steps is None or self.save_steps >= 1,
             "save_steps",
@@ -205,7 +210,9 @@ def build(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
 def build_many(classes: Sequence[type], data: Mapping[str, Any], prefix: str = "") -> list[Any]:
     """Split one flat mapping among several dataclasses, each taking the keys it declares."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"config{' ' + prefix.rstrip('.') if prefix else ''}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(
+            f"config{' ' + prefix.rstrip('.') if prefix else ''}: expected a mapping of keys, got {data!r}"
+        )
     owners: dict[str, tuple[type, dataclasses.Field[Any], Any]] = {}
     for cls in classes:
         hints = typing.get_type_hints(cls)
@@ -241,7 +248,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a YAML file, e.g. configs/tiny.yaml") from None
+        raise ConfigError(
+            f"config file {str(p)!r} does not exist; pass the path of a YAML file, e.g. configs/tiny.yaml"
+        ) from None
     except OSError as exc:
         raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror}") from None
     try:

@@ -14,6 +14,7 @@ This module knows nothing of torch: the collective is a function handed in
 from __future__ import annotations
 
 import queue
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -25,10 +26,21 @@ Exchange = Callable[[Sequence[int]], list[int]]
 
 KNOWN_REASONS: Final = ("schedule", "file", "signal", "socket", "api", "other")
 
-# Vote layout: [full, weights, exit_after, <one slot per reason>]
-_FULL, _WEIGHTS, _EXIT = 0, 1, 2
-_REASON0 = 3
+# Vote layout: [full, weights, exit_after, signal number, <one slot per reason>]
+_FULL, _WEIGHTS, _EXIT, _SIGNUM = 0, 1, 2, 3
+_REASON0 = 4
 VOTE_LENGTH: Final = _REASON0 + len(KNOWN_REASONS)
+
+
+def signal_number(reason: str) -> int:
+    """The signal number in a reason like ``signal:SIGTERM`` (0 for other reasons or unknown names)."""
+    kind, _, name = reason.partition(":")
+    if kind != "signal":
+        return 0
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        return 0
 
 
 def reason_slot(reason: str) -> int:
@@ -49,6 +61,8 @@ class Decision:
     """Reasons of all ranks, in :data:`KNOWN_REASONS` order (``other`` for unknown ones)."""
     requests: tuple[SaveRequested, ...]
     """The requests of *this* rank that the save serves."""
+    signum: int = 0
+    """The (highest) signal number that asked for this save on any rank; 0 if none did."""
 
     @property
     def reason(self) -> str:
@@ -65,6 +79,7 @@ def encode_vote(requests: Sequence[SaveRequested], scheduled: bool) -> list[int]
         vote[_FULL if request.kind == "full" else _WEIGHTS] = 1
         vote[_EXIT] = max(vote[_EXIT], int(request.exit_after))
         vote[reason_slot(request.reason)] = 1
+        vote[_SIGNUM] = max(vote[_SIGNUM], signal_number(request.reason))
     return vote
 
 
@@ -80,7 +95,7 @@ def decode_vote(step: int, vote: Sequence[int], requests: Sequence[SaveRequested
         return None
     kind: SaveKind = "full" if vote[_FULL] else "weights"
     reasons = tuple(r for i, r in enumerate(KNOWN_REASONS) if vote[_REASON0 + i])
-    return Decision(step, kind, bool(vote[_EXIT]), reasons, tuple(requests))
+    return Decision(step, kind, bool(vote[_EXIT]), reasons, tuple(requests), int(vote[_SIGNUM]))
 
 
 class Coordinator:
@@ -92,7 +107,7 @@ class Coordinator:
     ``save_steps``: a full save is scheduled at steps divisible by it.
     """
 
-    __slots__ = ("_exchange", "_queue", "check_interval", "every_step", "save_steps", "_held")
+    __slots__ = ("_exchange", "_held", "_queue", "check_interval", "every_step", "save_steps")
 
     def __init__(
         self,

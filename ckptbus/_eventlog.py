@@ -22,7 +22,7 @@ class EventLog:
     append mode, so readers never see half a line.
     """
 
-    __slots__ = ("path", "_lock", "_bus")
+    __slots__ = ("_bus", "_lock", "path")
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)

@@ -71,7 +71,9 @@ class DynamicCheckpoint:
         sources: Iterable[TriggerSource] = (),
     ) -> None:
         if not isinstance(config, CheckpointConfig):
-            config = CheckpointConfig(output_dir=os.fspath(config), dynamic_checkpoint=DynamicCheckpointConfig(enabled=True))
+            config = CheckpointConfig(
+                output_dir=os.fspath(config), dynamic_checkpoint=DynamicCheckpointConfig(enabled=True)
+            )
         check_world(accelerator)
         self.accelerator = accelerator
         self.config = config
@@ -81,6 +83,7 @@ class DynamicCheckpoint:
         """The run's bus: subscribe to ``save_completed`` and friends here."""
         self._last_step = 0
         self._stop = False
+        self._stop_signum = 0
         self._closed = False
         self._saved: dict[int, SaveCompleted] = {}
 
@@ -141,6 +144,21 @@ class DynamicCheckpoint:
         """True once the ranks agreed to stop (after a save that asked to exit)."""
         return self._stop
 
+    @property
+    def exit_code(self) -> int:
+        """The exit status a script should end with: ``128 + signal number`` after a stop asked by a signal, else 0."""
+        return 128 + self._stop_signum if self._stop and self._stop_signum else 0
+
+    @property
+    def last_step(self) -> int:
+        """The step of the last :meth:`step` call (or the resumed step)."""
+        return self._last_step
+
+    @property
+    def last_checkpoint(self) -> SaveCompleted | None:
+        """The newest checkpoint this run completed, or None."""
+        return self._saved[max(self._saved)] if self._saved else None
+
     def request(self, kind: SaveKind = "full", *, label: str | None = None, exit_after: bool = False) -> str:
         """Ask for a checkpoint from any thread; returns the request id.
 
@@ -166,7 +184,10 @@ class DynamicCheckpoint:
         if os.fspath(target) == "latest":
             info = latest_full(self.output_dir)
             if info is None:
-                logger.info("ckptbus: resume_from_checkpoint=latest: no complete full checkpoint in %s; starting fresh", self.output_dir)
+                logger.info(
+                    "ckptbus: resume_from_checkpoint=latest: no complete full checkpoint in %s; starting fresh",
+                    self.output_dir,
+                )
                 return 0
         else:
             info = read_checkpoint(target)
@@ -206,7 +227,9 @@ class DynamicCheckpoint:
     def __enter__(self) -> DynamicCheckpoint:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc is None:
             self.close()
         else:
@@ -237,6 +260,7 @@ class DynamicCheckpoint:
                 self._saved[decision.step] = outcome
         if decision.exit_after:
             self._stop = True
+            self._stop_signum = self._stop_signum or decision.signum
 
     def _shutdown(self, why: str) -> None:
         self._closed = True
@@ -255,7 +279,7 @@ class DynamicCheckpoint:
         for source in reversed(self._sources):
             try:
                 source.close()
-            except Exception:  # noqa: BLE001 - closing one source must not keep the others open
+            except Exception:
                 logger.exception("ckptbus: closing %r failed", source)
         if self._event_log is not None:
             self._event_log.detach()

@@ -28,7 +28,15 @@ logger = logging.getLogger("ckptbus")
 class FileTrigger:
     """Polls for the trigger file on the main process. See the module docstring."""
 
-    def __init__(self, bus: Bus, output_dir: str | os.PathLike[str], file_name: str, *, check_interval: int, is_main_process: bool) -> None:
+    def __init__(
+        self,
+        bus: Bus,
+        output_dir: str | os.PathLike[str],
+        file_name: str,
+        *,
+        check_interval: int,
+        is_main_process: bool,
+    ) -> None:
         self.bus = bus
         self.path = Path(output_dir) / file_name
         self.check_interval = check_interval
@@ -101,35 +109,37 @@ class FileTrigger:
             st = os.stat(self.path)
         except FileNotFoundError:
             if os.path.islink(self.path):
-                return self._warn(
+                self._warn(
                     warn,
                     "dangling",
                     f"trigger path {self.path} is a symlink to {os.readlink(self.path)!r}, which does not exist; "
                     f"ignoring it. Remove it (rm {self.path}) and touch a regular file instead.",
                 )
+                return None
             self._warned_state = None
             self._spent = None
             return None
         except OSError as exc:
-            return self._warn(
+            self._warn(
                 warn,
                 f"error:{exc.errno}",
                 f"cannot inspect trigger path {self.path} ({exc.strerror}); ignoring it. "
                 f"Check the permissions of {self.path.parent}.",
             )
+            return None
         if stat.S_ISREG(st.st_mode):
             self._warned_state = None
             return st
         what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        return self._warn(
+        self._warn(
             warn,
             f"mode:{stat.S_IFMT(st.st_mode)}",
             f"trigger path {self.path} is {what}; ignoring it (it will not trigger saves). "
             f"Remove it and use `touch {self.path}` to ask for a checkpoint.",
         )
+        return None
 
     def _warn(self, warn: bool, state: str, message: str) -> None:
         if warn and self._warned_state != state:
             logger.warning("ckptbus: %s", message)
             self._warned_state = state
-        return None

@@ -1,0 +1,243 @@
+"""Start real training runs (``accelerate launch`` or ``python train.py``) from tests.
+
+Every run gets its own free port, its own session and output directory, and
+is killed with its whole process tree (torchrun's workers sit in their own
+process groups) when the test ends. Tests wait on conditions, never on
+fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+DEFAULT_TIMEOUT = 120.0
+
+# Small and quick: about 50 optimizer steps a second with 2 ranks on 2 cores.
+BASE_CONFIG: dict[str, Any] = {
+    "max_steps": 100000,
+    "seed": 42,
+    "micro_batch_size": 4,
+    "sequence_len": 16,
+    "dataset_size": 256,
+    "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": 32},
+    "dynamic_checkpoint": {"enabled": True, "check_interval": 5},
+}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first-level order."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out: list[int] = []
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            out.append(child)
+            stack.append(child)
+    return out
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+class TrainingRun:
+    """One training run in a subprocess. Use through the ``launch`` fixture."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        processes: int = 2,
+        config: dict[str, Any] | None = None,
+        launcher: str = "accelerate",
+        extra_args: list[str] | None = None,
+        name: str = "run",
+        raw_config: bool = False,
+    ) -> None:
+        self.workdir = workdir
+        self.output_dir = workdir / "out"
+        cfg = dict(config or {}) if raw_config else merge(BASE_CONFIG, config or {})
+        cfg.setdefault("output_dir", str(self.output_dir))
+        self.output_dir = Path(cfg["output_dir"])
+        self.config = cfg
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+        self.log_path = workdir / f"{name}.log"
+        self.processes = processes
+        if launcher == "python":
+            cmd = [sys.executable, str(REPO / "train.py")]
+        elif processes == 1:
+            cmd = [
+                str(BIN / "accelerate"),
+                "launch",
+                "--num_processes",
+                "1",
+                "--main_process_port",
+                str(free_port()),
+                str(REPO / "train.py"),
+            ]
+        else:
+            cmd = [
+                str(BIN / "accelerate"),
+                "launch",
+                "--multi_gpu",
+                "--num_processes",
+                str(processes),
+                "--main_process_port",
+                str(free_port()),
+                str(REPO / "train.py"),
+            ]
+        self.cmd = [*cmd, "--config", str(self.config_path), *(extra_args or [])]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    # -- process ------------------------------------------------------------
+
+    def start(self) -> TrainingRun:
+        env = dict(os.environ)
+        env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false",
+                "HF_HUB_OFFLINE": "1",
+                "ACCELERATE_DISABLE_RICH": "1",
+            }
+        )
+        env.pop("ACCELERATE_USE_CPU", None)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - held open for the run's lifetime, closed in kill()
+        self.proc = subprocess.Popen(
+            self.cmd,
+            cwd=self.workdir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def worker_pids(self) -> list[int]:
+        """The processes running train.py (the ranks); the launcher is not one of them."""
+        pids = []
+        for pid in [self.pid, *descendants(self.pid)]:
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(arg.endswith(b"train.py") for arg in argv) and b"launch" not in argv:
+                pids.append(pid)
+        return sorted(pids)
+
+    def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"run did not exit within {timeout} s\n{self.log_tail()}") from None
+
+    def kill(self) -> None:
+        """SIGKILL the launcher and every process below it."""
+        if self.proc is None:
+            return
+        for pid in [*descendants(self.pid), self.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+        self._log.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # -- what the run wrote -------------------------------------------------
+
+    def log(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().replace("\r", "\n").splitlines()[-lines:])
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.output_dir / "metrics.jsonl")
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.output_dir / "ckptbus-events.jsonl")
+
+    def last_step(self) -> int:
+        rows = self.metrics()
+        return int(rows[-1]["step"]) if rows else 0
+
+    def wait_for(
+        self, condition: Callable[[], Any], what: str, timeout: float = DEFAULT_TIMEOUT, allow_exit: bool = False
+    ) -> Any:
+        """Poll ``condition`` until it returns something truthy; fail with the log if the run dies first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            if not allow_exit and not self.alive():
+                raise AssertionError(
+                    f"run exited ({self.proc and self.proc.returncode}) while waiting for {what}\n{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def wait_for_step(self, step: int, timeout: float = DEFAULT_TIMEOUT) -> int:
+        return int(self.wait_for(lambda: self.last_step() >= step and self.last_step(), f"step {step}", timeout))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        if line.endswith("}"):
+            with contextlib.suppress(json.JSONDecodeError):  # a line being written
+                rows.append(json.loads(line))
+    return rows
