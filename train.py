@@ -155,9 +155,15 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig) -> int:
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)  # type: ignore[no-untyped-call]
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
 
-    with DynamicCheckpoint(accelerator, ckpt_cfg) as ckpt:
-        step = ckpt.resume()
-        return run_loop(accelerator, ckpt, model, optimizer, loader, scheduler, cfg, step)
+    try:
+        with DynamicCheckpoint(accelerator, ckpt_cfg) as ckpt:
+            step = ckpt.resume()
+            run_loop(accelerator, ckpt, model, optimizer, loader, scheduler, cfg, step)
+        return ckpt.exit_code
+    finally:
+        accelerator.end_training()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def run_loop(
@@ -169,7 +175,7 @@ def run_loop(
     scheduler: Any,
     cfg: TrainConfig,
     step: int,
-) -> int:
+) -> None:
     steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
     if steps_per_epoch < 1:
         raise SystemExit("train.py: dataset_size is too small for one optimizer step; raise dataset_size")
@@ -214,7 +220,6 @@ def run_loop(
     progress.close()
     if accelerator.is_main_process:
         logger.info("training ended at step %d (max_steps %d)", step, cfg.max_steps)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

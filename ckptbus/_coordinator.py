@@ -139,6 +139,10 @@ class Coordinator:
             except queue.Empty:
                 return list(self._held)
 
+    def pending_count(self) -> int:
+        """How many requests wait for a vote (approximate from other threads; exact on the training thread)."""
+        return len(self._held) + self._queue.qsize()
+
     def is_scheduled(self, step: int) -> bool:
         return self.save_steps is not None and step > 0 and step % self.save_steps == 0
 

@@ -159,6 +159,18 @@ class DynamicCheckpoint:
         """The newest checkpoint this run completed, or None."""
         return self._saved[max(self._saved)] if self._saved else None
 
+    def status(self) -> dict[str, object]:
+        """A snapshot for status displays; safe to call from any thread (it only reads)."""
+        last = self.last_checkpoint
+        return {
+            "step": self._last_step,
+            "last_checkpoint": last.path if last else None,
+            "last_checkpoint_step": last.step if last else None,
+            "pending_requests": self._coordinator.pending_count(),
+            "world_size": self.accelerator.num_processes,
+            "stopping": self._stop,
+        }
+
     def request(self, kind: SaveKind = "full", *, label: str | None = None, exit_after: bool = False) -> str:
         """Ask for a checkpoint from any thread; returns the request id.
 
