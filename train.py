@@ -159,7 +159,7 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig) -> int:
         with DynamicCheckpoint(accelerator, ckpt_cfg) as ckpt:
             step = ckpt.resume()
             run_loop(accelerator, ckpt, model, optimizer, loader, scheduler, cfg, step)
-        return ckpt.exit_code
+        return int(ckpt.exit_code)
     finally:
         accelerator.end_training()
         if torch.distributed.is_initialized():
