@@ -1,35 +1,44 @@
-# Set-up, the main job, the tests. See README.md.
+# The commands of README.md. `make train` and `make test` set up .venv first
+# when it is missing or pyproject.toml changed, so on a fresh machine each
+# works on its own.
 PY ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 NPROC ?= 2
+CONFIG ?= configs/tiny.yaml
+STAMP = $(VENV)/.installed
 
 .PHONY: setup train train-1 test test-quick lint bench clean
 
-setup:  ## create .venv with the CPU build of torch and everything else
+$(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch, pinned: it installs from local disk; an unpinned
+	# torch would download a CUDA build of several GB.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
 
-train:  ## the main job: 2 ranks over gloo, tiny GPT-2, on-demand checkpoints on
-	$(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) train.py --config configs/tiny.yaml
+setup: $(STAMP)  ## create .venv with the CPU build of torch and everything else
 
-train-1:  ## the same with one process
-	$(BIN)/python train.py --config configs/tiny.yaml
+train: $(STAMP)  ## the main job: 2 ranks over gloo, tiny GPT-2, on-demand checkpoints on
+	$(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) train.py --config $(CONFIG)
 
-test:  ## the whole test suite (what CI runs)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+train-1: $(STAMP)  ## the same with one process
+	$(BIN)/python train.py --config $(CONFIG)
 
-test-quick:  ## unit tests only, no training processes
+test: $(STAMP)  ## the whole test suite (what CI runs)
+	$(BIN)/python -m pytest -n 2
+
+test-quick: $(STAMP)  ## no training processes: unit tests only
 	$(BIN)/python -m pytest -m "not slow" -n 2
 
-lint:
+lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-bench:  ## every benchmark; results under benchmarks/results/
+bench: $(STAMP)  ## every benchmark; results under benchmarks/results/
 	$(BIN)/python benchmarks/run_all.py
 
 clean:
