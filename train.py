@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 from ckptbus.plugins import DynamicCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
@@ -79,6 +80,9 @@ class TrainConfig:
     """Sequences in the synthetic data set."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """GPT-2 sizes."""
+    save_on_each_node: bool = False
+    """Multi-node runs where output_dir is NOT shared between nodes: every node writes (and commits) its own
+    copy of each checkpoint (accelerate's ProjectConfiguration.save_on_each_node). See docs/multinode.md."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "dataset_size"):
@@ -109,6 +113,9 @@ def make_model(cfg: TrainConfig) -> GPT2LMHeadModel:
         n_embd=cfg.model.n_embd,
         n_layer=cfg.model.n_layer,
         n_head=cfg.model.n_head,
+        # GPT-2's default special tokens (50256) lie outside the small vocabulary.
+        bos_token_id=cfg.model.vocab_size - 1,
+        eos_token_id=cfg.model.vocab_size - 1,
     )
     return GPT2LMHeadModel(config)
 
@@ -147,10 +154,20 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig) -> int:
         cpu=not has_accelerator(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        project_config=ProjectConfiguration(save_on_each_node=cfg.save_on_each_node),
     )
     set_seed(cfg.seed)
     model = make_model(cfg)
-    loader = DataLoader(make_data(cfg), batch_size=cfg.micro_batch_size, shuffle=True, drop_last=True)
+    # The loader gets a generator of its own: without one, every iter() of a torch DataLoader draws its
+    # base seed from the global torch RNG, the one dropout uses. A resume mid-epoch starts a new iter()
+    # where the uninterrupted run did not, so dropout masks (and losses) would drift after resuming.
+    loader = DataLoader(
+        make_data(cfg),
+        batch_size=cfg.micro_batch_size,
+        shuffle=True,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.max_steps)  # type: ignore[no-untyped-call]
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -159,8 +176,30 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig) -> int:
         with DynamicCheckpoint(accelerator, ckpt_cfg) as ckpt:
             step = ckpt.resume()
             run_loop(accelerator, ckpt, model, optimizer, loader, scheduler, cfg, step)
-        return int(ckpt.exit_code)
+        code = int(ckpt.exit_code)
+        failed = ckpt.failed_save
+        if failed is not None and code == 1:
+            # Every rank stops at the same step (the failure was agreed); one clear line from the main process.
+            if accelerator.is_main_process:
+                logger.error(
+                    "training stopped at step %d because the checkpoint could not be saved "
+                    "(dynamic_checkpoint.on_save_failure: stop): %s",
+                    failed.step,
+                    failed.error,
+                )
+        elif code and accelerator.is_main_process:
+            logger.info(
+                "stopped by a signal at step %d; exiting with status %d (128 + signal number)", ckpt.last_step, code
+            )
+        return code
     finally:
+        # Free the DDP model before the process group (end_training destroys it). The model's Reducer holds the
+        # process group; when the Reducer drops the last reference, gloo's destructor joins its threads while
+        # holding the GIL, and a gloo thread still freeing the last all_reduce's tensor waits for the GIL: a hang
+        # at exit (seen 1 run in 7 on 2 busy cores). Destroyed by destroy_process_group, it releases the GIL first.
+        del model, optimizer, loader, scheduler
+        accelerator.free_memory()
+        gc.collect()
         accelerator.end_training()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -29,9 +29,10 @@ from accelerate import Accelerator
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from ckptbus.plugins import DynamicCheckpoint  # noqa: E402
+
 from ckptbus import CheckpointConfig, DynamicCheckpointConfig  # noqa: E402
 from ckptbus._config import build  # noqa: E402
-from ckptbus.plugins import DynamicCheckpoint  # noqa: E402
 from train import ModelConfig, TrainConfig, make_data, make_model  # noqa: E402
 
 ARMS = ("disabled", "check_interval=100", "check_interval=1")

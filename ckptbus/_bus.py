@@ -12,7 +12,8 @@ Receivers run in the thread that publishes: ``save_requested`` may arrive on
 a socket thread; ``save_started``, ``save_completed`` and ``save_failed`` are
 always published on the training thread of every rank.
 
-A receiver that raises does not stop the others and does not stop training:
+Receivers are called in the order they were connected. A receiver that
+raises does not stop the others and does not stop training:
 the exception is logged and a :class:`~ckptbus.ReceiverFailed` event is
 published on ``receiver_failed`` (a receiver of that signal that raises is
 only logged).
@@ -22,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from typing import Any, Final, TypeVar
 
 from blinker import NamedSignal
@@ -36,21 +38,66 @@ F = TypeVar("F", bound=Callable[..., Any])
 SIGNAL_NAMES: Final = ("save_requested", "save_started", "save_completed", "save_failed", "receiver_failed")
 
 
+class _InsertionOrderedSet(set[Any]):
+    """A set that iterates in insertion order (blinker's ``set_class`` hook; its default ``set`` calls
+    receivers in an order that changes from run to run). Only the operations blinker uses keep the order."""
+
+    def __init__(self, items: Iterable[Any] = ()) -> None:
+        super().__init__()
+        self._order: dict[Any, None] = {}
+        for item in items:
+            self.add(item)
+
+    def add(self, item: Any) -> None:
+        super().add(item)
+        self._order[item] = None
+
+    def discard(self, item: Any) -> None:
+        super().discard(item)
+        self._order.pop(item, None)
+
+    def remove(self, item: Any) -> None:
+        super().remove(item)
+        del self._order[item]
+
+    def clear(self) -> None:
+        super().clear()
+        self._order.clear()
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._order))
+
+    def copy(self) -> _InsertionOrderedSet:
+        return _InsertionOrderedSet(self._order)
+
+    def __or__(self, other: AbstractSet[Any]) -> _InsertionOrderedSet:
+        merged = self.copy()
+        for item in other:
+            merged.add(item)
+        return merged
+
+
+class _Signal(NamedSignal):
+    """A named blinker signal that calls its receivers in the order they were connected."""
+
+    set_class = _InsertionOrderedSet
+
+
 class Bus:
     """The signals of one run. See the module docstring for the threading rules."""
 
     __slots__ = ("_lock", "receiver_failed", "save_completed", "save_failed", "save_requested", "save_started")
 
     def __init__(self) -> None:
-        self.save_requested = NamedSignal("save_requested")
+        self.save_requested = _Signal("save_requested")
         """A :class:`~ckptbus.SaveRequested`: somebody asked for a checkpoint."""
-        self.save_started = NamedSignal("save_started")
+        self.save_started = _Signal("save_started")
         """A :class:`~ckptbus.SaveStarted`: all ranks agreed, writing begins."""
-        self.save_completed = NamedSignal("save_completed")
+        self.save_completed = _Signal("save_completed")
         """A :class:`~ckptbus.SaveCompleted`: the checkpoint is complete on disk."""
-        self.save_failed = NamedSignal("save_failed")
+        self.save_failed = _Signal("save_failed")
         """A :class:`~ckptbus.SaveFailed`: nothing was made visible."""
-        self.receiver_failed = NamedSignal("receiver_failed")
+        self.receiver_failed = _Signal("receiver_failed")
         """A :class:`~ckptbus.ReceiverFailed`: a receiver raised (it was logged)."""
         # Receivers may be connected from user threads while the training
         # thread publishes; blinker's own structures are not documented as

@@ -28,11 +28,104 @@ T = TypeVar("T")
 
 DEFAULT_TRIGGER_FILE = "axolotl_checkpoint.save"
 DEFAULT_CHECK_INTERVAL = 100
+RESERVED_NAMES = frozenset(
+    {"ckptbus.json", "ckptbus-events.jsonl", "metrics.jsonl", "ckptbus.sock", "ckptbus.sock.path"}
+)
+"""Files ckptbus (and train.py) write into output_dir: never a trigger file name."""
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"config key '{key}': got {value!r}, expected {allowed}")
+
+
+def _whole(value: object, minimum: int) -> bool:
+    """``value`` is an int (not a bool, which Python counts as one) and at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+SignalAction = Literal["weights_exit", "full_exit", "full_continue", "none"]
+"""What a signal asks for: save weights or a full checkpoint, then stop (``*_exit``) or go on; ``none``: not handled."""
+
+SIGNAL_ACTIONS: tuple[SignalAction, ...] = typing.get_args(SignalAction)
+
+OnSaveFailure = Literal["continue", "stop"]
+"""What training does after a save failed on any rank: go on (the default) or stop on every rank."""
+
+ON_SAVE_FAILURE: tuple[OnSaveFailure, ...] = typing.get_args(OnSaveFailure)
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class SignalsConfig:
+    """The ``dynamic_checkpoint.signals`` block: what each signal asks for. See docs/signals.md."""
+
+    sigint: SignalAction = "weights_exit"
+    """Ctrl+C. The seed's behaviour: save the model weights, then every rank exits."""
+
+    sigterm: SignalAction = "full_exit"
+    """Preemption (SLURM, Kubernetes, torchrun's shutdown): a resumable checkpoint, then exit."""
+
+    sighup: SignalAction = "full_exit"
+    """The terminal went away; torchrun forwards it and kills the workers 30 s later, so save and exit."""
+
+    sigusr1: SignalAction = "none"
+    """Not handled by default: torchrun does not forward it, and NCCL and job tools use it for their own ends."""
+
+    debounce_seconds: float = 1.0
+    """A second stopping signal within this many seconds of the first is the same press (a launcher forwarding
+    it); later, it aborts at once without finishing the checkpoint."""
+
+    def __post_init__(self) -> None:
+        for key in ("sigint", "sigterm", "sighup", "sigusr1"):
+            value = getattr(self, key)
+            _check(
+                value in SIGNAL_ACTIONS,
+                f"dynamic_checkpoint.signals.{key}",
+                value,
+                "one of " + ", ".join(repr(a) for a in SIGNAL_ACTIONS),
+            )
+        seconds = self.debounce_seconds
+        _check(
+            isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 <= seconds <= 60,
+            "dynamic_checkpoint.signals.debounce_seconds",
+            seconds,
+            "a number of seconds from 0 to 60",
+        )
+
+    def actions(self) -> dict[str, SignalAction]:
+        """``{"SIGINT": action, ...}`` for every signal this block names."""
+        return {"SIGINT": self.sigint, "SIGTERM": self.sigterm, "SIGHUP": self.sighup, "SIGUSR1": self.sigusr1}
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class SocketConfig:
+    """The ``dynamic_checkpoint.socket`` block: the UNIX socket ``ckptbus request`` talks to. See docs/socket.md."""
+
+    enabled: bool = True
+    """Serve the socket (on the main process) whenever ``dynamic_checkpoint.enabled`` is true."""
+
+    path: str | None = None
+    """Socket path, absolute or relative to ``output_dir``; null: ``<output_dir>/ckptbus.sock``. A path longer
+    than a UNIX socket address allows is replaced by a short one (docs/socket.md, "Long paths")."""
+
+    timeout: float = 10.0
+    """Seconds a client has to send its request line (and to read its reply) before it is disconnected."""
+
+    def __post_init__(self) -> None:
+        path = self.path
+        _check(
+            path is None or (isinstance(path, str) and path.strip() != "" and "\0" not in path),
+            "dynamic_checkpoint.socket.path",
+            path,
+            "a file path (absolute, or relative to output_dir), or null for <output_dir>/ckptbus.sock",
+        )
+        seconds = self.timeout
+        _check(
+            isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 < seconds <= 3600,
+            "dynamic_checkpoint.socket.timeout",
+            seconds,
+            "a number of seconds above 0 and at most 3600",
+        )
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -51,9 +144,19 @@ class DynamicCheckpointConfig:
     event_log: bool = True
     """Append every bus event to ``<output_dir>/ckptbus-events.jsonl`` (main process)."""
 
+    signals: SignalsConfig = dataclasses.field(default_factory=SignalsConfig)
+    """What Ctrl+C and preemption signals ask for: see :class:`SignalsConfig`."""
+
+    socket: SocketConfig = dataclasses.field(default_factory=SocketConfig)
+    """The UNIX socket for ``ckptbus request`` / ``status``: see :class:`SocketConfig`."""
+
+    on_save_failure: OnSaveFailure = "continue"
+    """After a save that failed (on any rank; every rank agrees): ``continue`` training, or ``stop`` every
+    rank at that step (``train.py`` then exits with status 1). See docs/resume.md."""
+
     def __post_init__(self) -> None:
         _check(
-            isinstance(self.check_interval, int) and self.check_interval >= 1,
+            _whole(self.check_interval, 1),
             "dynamic_checkpoint.check_interval",
             self.check_interval,
             "a whole number of steps >= 1",
@@ -73,6 +176,22 @@ class DynamicCheckpointConfig:
             "a plain file name inside output_dir (no '/', not absolute, not '..'), "
             f"for example {DEFAULT_TRIGGER_FILE!r}",
         )
+        # A name ckptbus or train.py writes itself would trigger a save on every interval.
+        reserved = name in RESERVED_NAMES or name.startswith(("checkpoint-", ".ckptbus-"))
+        _check(
+            not reserved,
+            "dynamic_checkpoint.trigger_file_path",
+            name,
+            "a file name that ckptbus does not write itself (not "
+            + ", ".join(sorted(RESERVED_NAMES))
+            + f", checkpoint-* or .ckptbus-*), for example {DEFAULT_TRIGGER_FILE!r}",
+        )
+        _check(
+            self.on_save_failure in ON_SAVE_FAILURE,
+            "dynamic_checkpoint.on_save_failure",
+            self.on_save_failure,
+            " or ".join(repr(a) for a in ON_SAVE_FAILURE),
+        )
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -86,7 +205,12 @@ class CheckpointConfig:
     """Save a full checkpoint every this many optimizer steps (unset: no scheduled saves)."""
 
     save_total_limit: int | None = None
-    """Keep at most this many scheduled checkpoints; older ones are deleted after a new one is complete."""
+    """Keep at most this many scheduled checkpoints; older ones are deleted after a new one is complete.
+    The newest full checkpoint is never deleted. See docs/resume.md for the rule."""
+
+    rotate_on_demand: bool = False
+    """Whether on-demand checkpoints (file, signal, socket, API) count toward ``save_total_limit`` and can
+    be deleted like scheduled ones. Off: they are kept until you delete them."""
 
     resume_from_checkpoint: str | None = None
     """A checkpoint directory to resume from, or ``latest`` for the newest complete full checkpoint."""
@@ -102,19 +226,21 @@ class CheckpointConfig:
             "a directory path",
         )
         _check(
-            self.save_steps is None or self.save_steps >= 1,
+            self.save_steps is None or _whole(self.save_steps, 1),
             "save_steps",
             self.save_steps,
             "a whole number of steps >= 1, or leave it unset for no scheduled saves",
         )
         _check(
-            self.save_total_limit is None or self.save_total_limit >= 1,
+            self.save_total_limit is None or _whole(self.save_total_limit, 1),
             "save_total_limit",
             self.save_total_limit,
             "a whole number >= 1, or leave it unset to keep every checkpoint",
         )
+        _check(isinstance(self.rotate_on_demand, bool), "rotate_on_demand", self.rotate_on_demand, "true or false")
         _check(
-            self.resume_from_checkpoint is None or self.resume_from_checkpoint != "",
+            self.resume_from_checkpoint is None
+            or (isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint != ""),
             "resume_from_checkpoint",
             self.resume_from_checkpoint,
             "a checkpoint directory or 'latest'",
@@ -188,9 +314,14 @@ def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
     return ConfigError(f"config key '{key}': got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
 
 
-def _unknown_key_error(key: str, known: Sequence[str], prefix: str) -> ConfigError:
+def _unknown_key_error(key: str, known: Sequence[str], prefix: str, nested: Sequence[str] = ()) -> ConfigError:
+    """``nested``: dotted keys of the blocks below (``dynamic_checkpoint.check_interval``), suggested when a
+    key of a block was written at this level."""
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    if not close:
+        by_leaf = {name.rsplit(".", 1)[1]: name for name in nested}
+        close = [by_leaf[leaf] for leaf in difflib.get_close_matches(key, list(by_leaf), n=1, cutoff=0.6)]
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else "."
     return ConfigError(
         f"unknown config key '{prefix}{key}'{hint} Allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
         + ", ".join(sorted(known))
@@ -222,7 +353,13 @@ def build_many(classes: Sequence[type], data: Mapping[str, Any], prefix: str = "
     for raw_key, value in data.items():
         key = str(raw_key)
         if key not in owners:
-            raise _unknown_key_error(key, list(owners), prefix)
+            nested = [
+                f"{name}.{f.name}"
+                for name, (_, _, tp) in owners.items()
+                if dataclasses.is_dataclass(tp)
+                for f in dataclasses.fields(tp)
+            ]
+            raise _unknown_key_error(key, list(owners), prefix, nested)
         cls, _, tp = owners[key]
         kwargs[cls][key] = _convert(value, tp, prefix + key)
     result = []
@@ -249,18 +386,18 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            f"config file {str(p)!r} does not exist; pass the path of a YAML file, e.g. configs/tiny.yaml"
+            f"{p}: the config file does not exist; pass the path of a YAML file, e.g. configs/tiny.yaml"
         ) from None
     except OSError as exc:
-        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc.strerror}") from None
+        raise ConfigError(f"{p}: the config file cannot be read: {exc.strerror}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {str(p)!r} must hold a mapping of keys at the top, got {type(data).__name__}")
+        raise ConfigError(f"{p}: the config file must hold a mapping of keys at the top, got {type(data).__name__}")
     return data
 
 
@@ -270,7 +407,8 @@ def load_config(path: str | os.PathLike[str], *extra: type) -> list[Any]:
     ``extra`` lets a training script declare its own top-level keys (model
     size, learning rate, ...) so that every key in the file is checked.
     """
+    data = read_yaml(path)  # its errors name the file already
     try:
-        return build_many([CheckpointConfig, *extra], read_yaml(path))
+        return build_many([CheckpointConfig, *extra], data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None

@@ -66,6 +66,10 @@ class Decision:
 
     @property
     def reason(self) -> str:
+        """The reasons joined with ``+``; a signal is named (``signal:SIGTERM``) so the manifest says which."""
+        if self.signum and "signal" in self.reasons:
+            named = f"signal:{signal.Signals(self.signum).name}"
+            return "+".join(named if r == "signal" else r for r in self.reasons)
         return "+".join(self.reasons)
 
 

@@ -123,6 +123,17 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     checkpoint (no manifest, bad manifest, a listed file missing or truncated).
     """
     p = Path(path)
+    if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+        # A staging directory can hold a valid manifest for an instant before its rename: still not complete.
+        raise CheckpointError(
+            f"{p} is the leftover of a save that was interrupted or a checkpoint being deleted, not a complete "
+            "checkpoint; pick a checkpoint-<step> directory (`ckptbus list --output-dir ...` shows them)"
+        )
+    return read_checkpoint_files(p)
+
+
+def read_checkpoint_files(p: Path) -> CheckpointInfo:
+    """Validate the manifest and files of the directory ``p``, whatever its name."""
     if not p.is_dir():
         raise CheckpointError(f"{p} is not a directory")
     try:
@@ -243,7 +254,7 @@ def commit(staging: Path, final: Path, manifest_fields: dict[str, Any]) -> Manif
             read_checkpoint(final)
             trash = final.parent / f"{TRASH_PREFIX}{final.name}-{time.time_ns()}"
         except CheckpointError:
-            trash = final.parent / f"{final.name}.orphaned-{int(time.time())}"
+            trash = final.parent / f"{final.name}.orphaned-{time.time_ns()}"
             logger.warning(
                 "ckptbus: %s exists but is not a complete ckptbus checkpoint; moved it to %s and kept it",
                 final,
@@ -264,7 +275,13 @@ def discard(staging: Path) -> None:
 
 
 def clean_leftovers(output_dir: str | os.PathLike[str]) -> list[Path]:
-    """Remove staging and trash directories of interrupted saves; return what was removed."""
+    """Remove staging and trash directories of interrupted saves; return what was removed.
+
+    One exception: a trash directory that still holds a complete checkpoint
+    whose name is free again was moved aside by a :func:`commit` that crashed
+    before renaming its replacement into place. It is put back, so that step
+    is not lost.
+    """
     root = Path(output_dir)
     removed: list[Path] = []
     try:
@@ -272,40 +289,84 @@ def clean_leftovers(output_dir: str | os.PathLike[str]) -> list[Path]:
     except FileNotFoundError:
         return removed
     for entry in entries:
-        if entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed.append(Path(entry.path))
+        if not (entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and entry.is_dir(follow_symlinks=False)):
+            continue
+        if entry.name.startswith(TRASH_PREFIX) and _restore_replaced(Path(entry.path)):
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        removed.append(Path(entry.path))
     return removed
 
 
-def rotation_victims(checkpoints: Iterable[CheckpointInfo], limit: int | None) -> list[CheckpointInfo]:
+def _restore_replaced(trash: Path) -> bool:
+    """Rename ``trash`` back to its checkpoint name if it is complete and that name is free."""
+    original, _, _ = trash.name[len(TRASH_PREFIX) :].rpartition("-")
+    target = trash.parent / original
+    if not _CHECKPOINT_RE.match(original) or target.exists():
+        return False
+    try:
+        read_checkpoint_files(trash)
+    except CheckpointError:
+        return False
+    os.rename(trash, target)
+    logger.warning("ckptbus: restored %s, moved aside by a save that was interrupted", target)
+    return True
+
+
+def rotation_victims(
+    checkpoints: Iterable[CheckpointInfo],
+    limit: int | None,
+    *,
+    on_demand: bool = False,
+    keep: Iterable[str | os.PathLike[str]] = (),
+) -> list[CheckpointInfo]:
     """Which checkpoints ``save_total_limit`` deletes.
 
     The rule: only checkpoints made by the ``save_steps`` schedule count
-    toward the limit and can be deleted, oldest first; checkpoints asked for
-    on demand (file, signal, socket, API) are kept. The newest full
-    checkpoint is never deleted, whatever its reason.
+    toward the limit and can be deleted, oldest step first; checkpoints asked
+    for on demand (file, signal, socket, API) are kept, unless ``on_demand``
+    (the config's ``rotate_on_demand``) makes them count like the others. The
+    newest full checkpoint is never deleted, whatever its reason, and neither
+    is any path in ``keep`` (the sink passes the checkpoint it just wrote:
+    after resuming from an older step, that one need not have the highest step).
     """
     ordered = sorted(checkpoints, key=lambda c: c.step)
     if limit is None:
         return []
     full = [c for c in ordered if c.manifest.kind == "full"]
-    newest_full = full[-1].path if full else None
-    scheduled = [c for c in ordered if not c.manifest.on_demand]
-    excess = scheduled[: max(0, len(scheduled) - limit)]
-    return [c for c in excess if c.path != newest_full]
+    protected = {Path(p) for p in keep}
+    if full:
+        protected.add(full[-1].path)
+    counted = [c for c in ordered if on_demand or not c.manifest.on_demand]
+    excess = counted[: max(0, len(counted) - limit)]
+    return [c for c in excess if c.path not in protected]
 
 
-def rotate(output_dir: str | os.PathLike[str], limit: int | None) -> list[Path]:
-    """Delete the checkpoints :func:`rotation_victims` names; return their paths.
+def withdraw(path: Path) -> None:
+    """Delete a complete checkpoint: rename it to a trash name (it stops being listed at once), then remove it.
 
-    Each is first renamed to a trash name (atomic: it stops being listed at
-    once), then removed.
+    An interrupted removal leaves only a trash directory, which :func:`clean_leftovers` removes.
+    """
+    trash = path.parent / f"{TRASH_PREFIX}{path.name}-{time.time_ns()}"
+    os.rename(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def rotate(
+    output_dir: str | os.PathLike[str],
+    limit: int | None,
+    *,
+    on_demand: bool = False,
+    keep: Iterable[str | os.PathLike[str]] = (),
+) -> list[Path]:
+    """Delete the checkpoints :func:`rotation_victims` names (see it for the rule); return their paths.
+
+    Call only after the newest checkpoint is complete. Each victim is
+    withdrawn atomically (:func:`withdraw`). Raises :class:`OSError` if a
+    rename fails; the checkpoints not yet reached are kept.
     """
     deleted: list[Path] = []
-    for victim in rotation_victims(list_checkpoints(output_dir), limit):
-        trash = victim.path.parent / f"{TRASH_PREFIX}{victim.path.name}-{time.time_ns()}"
-        os.rename(victim.path, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+    for victim in rotation_victims(list_checkpoints(output_dir), limit, on_demand=on_demand, keep=keep):
+        withdraw(victim.path)
         deleted.append(victim.path)
     return deleted

@@ -10,11 +10,12 @@ The sequence for one save (all on the training thread of every rank):
    ``accelerator.save_model`` (weights): accelerate gathers inside them, so a
    main-process-only call would hang under FSDP/DeepSpeed.
 4. A collective counts failures: if any rank failed, all ranks report
-   ``save_failed`` and the staging directory is removed.
+   ``save_failed`` with that rank's message and the staging directory is
+   removed; training goes on (or stops, with ``on_save_failure: stop``).
 5. The committer fsyncs, writes the manifest last, renames staging to
-   ``checkpoint-<step>``, then rotates old checkpoints; a last collective
-   tells every rank whether the commit worked before ``save_completed`` or
-   ``save_failed`` is published.
+   ``checkpoint-<step>``; a last collective tells every rank whether the
+   commit worked. Only then are old checkpoints rotated out and
+   ``save_completed`` (or ``save_failed``) published.
 """
 
 from __future__ import annotations
@@ -32,9 +33,12 @@ from accelerate import Accelerator
 
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveStarted, SetupError
 from ckptbus._coordinator import Decision
-from ckptbus._layout import checkpoint_path, commit, discard, prepare_staging, rotate, staging_path
+from ckptbus._layout import checkpoint_path, commit, discard, prepare_staging, rotate, staging_path, withdraw
 
 logger = logging.getLogger("ckptbus")
+
+REASON_BYTES = 512
+"""How much of a failed rank's error message travels to every rank (UTF-8 bytes, one int each)."""
 
 
 class TorchExchange:
@@ -89,6 +93,7 @@ class AccelerateSink:
         *,
         model: torch.nn.Module | None = None,
         save_total_limit: int | None = None,
+        rotate_on_demand: bool = False,
     ) -> None:
         self.accelerator = accelerator
         self.bus = bus
@@ -96,6 +101,7 @@ class AccelerateSink:
         self.exchange = exchange
         self._model = model
         self.save_total_limit = save_total_limit
+        self.rotate_on_demand = rotate_on_demand
 
     @property
     def is_committer(self) -> bool:
@@ -134,6 +140,7 @@ class AccelerateSink:
         self.bus.publish(SaveStarted(path=str(final), **common))
         started = time.perf_counter()
         committed_bytes = 0
+        renamed = False
 
         def prepare() -> None:
             if self.is_committer:
@@ -143,7 +150,7 @@ class AccelerateSink:
             self._write(kind, staging)
 
         def finish() -> None:
-            nonlocal committed_bytes
+            nonlocal committed_bytes, renamed
             if self.is_committer:
                 manifest = commit(
                     staging,
@@ -159,6 +166,7 @@ class AccelerateSink:
                     },
                 )
                 committed_bytes = manifest.bytes
+                renamed = True
 
         stages = (("creating the staging directory", prepare), ("writing", write), ("committing", finish))
         for what, stage in stages:
@@ -166,14 +174,18 @@ class AccelerateSink:
             if error is not None:
                 if self.is_committer:
                     discard(staging)
-                if self.accelerator.is_main_process or "another rank failed" not in error:
+                    if renamed:
+                        # Another node's commit failed (one committer per node): take this node's copy back,
+                        # so that no node keeps a checkpoint the others lack.
+                        withdraw(final)
+                if self.accelerator.is_main_process:
                     logger.error("ckptbus: %s checkpoint at step %d failed: %s", kind, step, error)
                 failed = SaveFailed(error=error, **common)
                 self.bus.publish(failed)
                 return failed
 
         seconds = time.perf_counter() - started
-        self._rotate()
+        self._rotate(final)
         nbytes = self.exchange([committed_bytes])[0]  # every rank reports the size the committer measured
         if self.accelerator.is_main_process:
             logger.info("ckptbus: saved %s checkpoint %s (%d bytes) in %.2f s", kind, final, nbytes, seconds)
@@ -186,18 +198,27 @@ class AccelerateSink:
     def _run_agreed(self, what: str, stage: Callable[[], None]) -> str | None:
         """Run ``stage`` here, then agree with every rank: None if it worked everywhere, else why not.
 
-        The collective is also the barrier between stages.
+        The collective is also the barrier between stages. When some rank
+        failed, a second collective carries the message of the highest failed
+        rank to every rank, so the ``save_failed`` event on the main process
+        (and the reply to a waiting ``ckptbus request``) says what went wrong.
         """
+        rank = self.accelerator.process_index
         error: str | None = None
         try:
             stage()
         except Exception as exc:
-            logger.debug("ckptbus: %s failed", what, exc_info=exc)
-            error = f"{what}: {type(exc).__name__}: {exc}"
-        failed_anywhere = self.exchange([int(error is not None)])[0]
-        if error is None and failed_anywhere:
-            error = f"{what}: another rank failed (see its log)"
-        return error
+            error = f"{type(exc).__name__}: {exc}"
+            logger.error("ckptbus: rank %d: %s failed: %s", rank, what, error, exc_info=exc)
+        failed_rank = self.exchange([rank + 1 if error is not None else 0])[0] - 1
+        if failed_rank < 0:
+            return None
+        message = f"{what} failed on rank {failed_rank}: {error}".encode()[:REASON_BYTES]
+        vote = [0] * REASON_BYTES
+        if rank == failed_rank:
+            vote[: len(message)] = message
+        shared = bytes(b for b in self.exchange(vote) if b).decode("utf-8", "replace")
+        return shared if error is None or rank == failed_rank else f"{what} failed on rank {rank}: {error}"
 
     def _write(self, kind: str, staging: Path) -> None:
         if kind == "full":
@@ -214,11 +235,11 @@ class AccelerateSink:
         if config is not None and callable(getattr(config, "save_pretrained", None)):
             config.save_pretrained(str(staging))
 
-    def _rotate(self) -> None:
+    def _rotate(self, final: Path) -> None:
         if not self.is_committer or self.save_total_limit is None:
             return
         try:
-            for path in rotate(self.output_dir, self.save_total_limit):
+            for path in rotate(self.output_dir, self.save_total_limit, on_demand=self.rotate_on_demand, keep=(final,)):
                 logger.info("ckptbus: save_total_limit=%d: deleted %s", self.save_total_limit, path)
         except OSError as exc:
             logger.warning("ckptbus: rotation failed (%s); older checkpoints are kept", exc)

@@ -35,11 +35,13 @@ from ckptbus import (
 )
 from ckptbus._coordinator import Coordinator, Decision
 from ckptbus._eventlog import EVENT_LOG_NAME
-from ckptbus._layout import clean_leftovers, latest_full, read_checkpoint
+from ckptbus._layout import CheckpointInfo, clean_leftovers, latest_full, read_checkpoint
 from ckptbus._source import TriggerSource
 
 from .accelerate_sink import AccelerateSink, TorchExchange, check_world
 from .file_trigger import FileTrigger
+from .signals import SignalTrigger
+from .unix_socket import UnixSocketTrigger
 
 logger = logging.getLogger("ckptbus")
 
@@ -92,11 +94,30 @@ class DynamicCheckpoint:
         if dyn.event_log and accelerator.is_main_process:
             self._event_log = EventLog(self.output_dir / EVENT_LOG_NAME).attach(self.bus)
 
+        self._signals: SignalTrigger | None = None
+        if dyn.enabled and any(action != "none" for action in dyn.signals.actions().values()):
+            self._signals = SignalTrigger(
+                self.bus, dyn.signals.actions(), debounce_seconds=dyn.signals.debounce_seconds
+            )
         exchange = TorchExchange(accelerator)
-        self._coordinator = Coordinator(exchange, check_interval=dyn.check_interval, save_steps=config.save_steps)
+        # A signal must be honoured within one step on every rank: vote at every step (one small all_reduce).
+        self._coordinator = Coordinator(
+            exchange,
+            check_interval=dyn.check_interval,
+            save_steps=config.save_steps,
+            every_step=self._signals is not None,
+        )
         self.bus.subscribe("save_requested", self._coordinator.enqueue)
+        self._exchange = exchange
+        self._failed_save: SaveFailed | None = None
         self._sink = AccelerateSink(
-            accelerator, self.bus, self.output_dir, exchange, model=model, save_total_limit=config.save_total_limit
+            accelerator,
+            self.bus,
+            self.output_dir,
+            exchange,
+            model=model,
+            save_total_limit=config.save_total_limit,
+            rotate_on_demand=config.rotate_on_demand,
         )
         if self._sink.is_committer:
             for leftover in clean_leftovers(self.output_dir):
@@ -111,6 +132,14 @@ class DynamicCheckpoint:
                     dyn.trigger_file_path,
                     check_interval=dyn.check_interval,
                     is_main_process=accelerator.is_main_process,
+                )
+            )
+        if self._signals is not None:
+            self._sources.append(self._signals)
+        if dyn.enabled and dyn.socket.enabled and accelerator.is_main_process:
+            self._sources.append(
+                UnixSocketTrigger(
+                    self.bus, self.output_dir, path=dyn.socket.path, timeout=dyn.socket.timeout, status=self.status
                 )
             )
         self._sources.extend(sources)
@@ -145,9 +174,28 @@ class DynamicCheckpoint:
         return self._stop
 
     @property
+    def stop_requested(self) -> bool:
+        """True once training must stop, or a stopping signal reached this rank and waits for the next :meth:`step`.
+
+        Needs no collective, so a long evaluation or inner loop may check it
+        as often as it likes to cut rank-local work short; the ranks agree on
+        the stop (and save) at the next :meth:`step`, which every rank must
+        still reach.
+        """
+        return self._stop or (self._signals is not None and self._signals.stop_requested)
+
+    @property
     def exit_code(self) -> int:
-        """The exit status a script should end with: ``128 + signal number`` after a stop asked by a signal, else 0."""
-        return 128 + self._stop_signum if self._stop and self._stop_signum else 0
+        """The exit status a script should end with: ``128 + signal number`` after a stop asked by a signal,
+        1 after a stop because a save failed (``on_save_failure: stop``), else 0."""
+        if self._stop and self._stop_signum:
+            return 128 + self._stop_signum
+        return 1 if self._failed_save is not None else 0
+
+    @property
+    def failed_save(self) -> SaveFailed | None:
+        """The failed save that stopped training (``on_save_failure: stop``), or None."""
+        return self._failed_save
 
     @property
     def last_step(self) -> int:
@@ -185,34 +233,69 @@ class DynamicCheckpoint:
         """Load a full checkpoint with ``accelerator.load_state``; return its step (0 if nothing to resume).
 
         ``checkpoint`` is a path, ``"latest"`` (the newest complete full
-        checkpoint in ``output_dir``; a fresh start if there is none), or
-        None for the config's ``resume_from_checkpoint``. Raises
-        :class:`~ckptbus.CheckpointError` for a path that is incomplete or a
-        weights-only checkpoint.
+        checkpoint in ``output_dir``; a fresh start, with a log line, if there
+        is none), or None for the config's ``resume_from_checkpoint``. Only
+        complete checkpoints (manifest written last, every listed file there)
+        are taken. Call it on every rank: the ranks agree on the step before
+        anything is loaded (with one ``output_dir`` per node, each node
+        resolves ``latest`` in its own directory).
+
+        Raises :class:`~ckptbus.CheckpointError` on every rank for a path
+        that is not a complete checkpoint, a weights-only checkpoint, or when
+        ranks found different checkpoints.
         """
         target = checkpoint if checkpoint is not None else self.config.resume_from_checkpoint
         if target is None:
             return 0
-        if os.fspath(target) == "latest":
-            info = latest_full(self.output_dir)
-            if info is None:
-                logger.info(
-                    "ckptbus: resume_from_checkpoint=latest: no complete full checkpoint in %s; starting fresh",
-                    self.output_dir,
-                )
-                return 0
-        else:
-            info = read_checkpoint(target)
-            if info.manifest.kind != "full":
-                raise CheckpointError(
-                    f"{info.path} is a weights-only checkpoint (model.safetensors, no optimizer or RNG state); it "
-                    "cannot resume training. Pick a full checkpoint (`ckptbus list --output-dir ...` shows the kinds) "
-                    "or load these weights with from_pretrained."
-                )
+        info: CheckpointInfo | None = None
+        error: CheckpointError | None = None
+        try:
+            info = self._resolve(os.fspath(target))
+        except CheckpointError as exc:
+            error = exc
+        step = info.step if info is not None else -1
+        highest, minus_lowest, failed = self._exchange([step, -step, int(error is not None)])
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError(f"resume from {os.fspath(target)!r} failed on another rank (see its log)")
+        if highest != -minus_lowest:
+            raise CheckpointError(
+                f"ranks found different checkpoints for {os.fspath(target)!r} (steps {-minus_lowest} to {highest}): "
+                "with one output_dir per node every node must hold the same checkpoints; pass the path of one "
+                "that all nodes have"
+            )
+        if info is None:
+            logger.info(
+                "ckptbus: resume_from_checkpoint=latest: no complete full checkpoint in %s; starting fresh",
+                self.output_dir,
+            )
+            return 0
+        if info.manifest.world_size != self.accelerator.num_processes:
+            logger.warning(
+                "ckptbus: %s was saved by %d processes and this run has %d: the RNG state of every rank cannot be "
+                "restored, so the run will not repeat an uninterrupted one exactly",
+                info.path,
+                info.manifest.world_size,
+                self.accelerator.num_processes,
+            )
         self.accelerator.load_state(str(info.path))
         self._last_step = info.step
         logger.info("ckptbus: resumed from %s at step %d", info.path, info.step)
         return info.step
+
+    def _resolve(self, target: str) -> CheckpointInfo | None:
+        """The complete full checkpoint ``target`` names (None: ``latest`` found none); raises CheckpointError."""
+        if target == "latest":
+            return latest_full(self.output_dir)
+        info = read_checkpoint(target)
+        if info.manifest.kind != "full":
+            raise CheckpointError(
+                f"{info.path} is a weights-only checkpoint (model.safetensors, no optimizer or RNG state); it "
+                "cannot resume training. Pick a full checkpoint (`ckptbus list --output-dir ...` shows the kinds) "
+                "or load these weights with from_pretrained."
+            )
+        return info
 
     # -- the end ------------------------------------------------------------
 
@@ -225,6 +308,8 @@ class DynamicCheckpoint:
         if self._closed:
             return
         try:
+            if self._signals is not None:
+                self._signals.poll(self._last_step)  # a signal after the last step still gets its save
             decision = self._coordinator.decide(self._last_step, force=True, scheduled=False)
             if decision is not None:
                 self._carry_out(decision)
@@ -270,6 +355,10 @@ class DynamicCheckpoint:
             outcome = self._sink.execute(decision)
             if isinstance(outcome, SaveCompleted):
                 self._saved[decision.step] = outcome
+            elif self.config.dynamic_checkpoint.on_save_failure == "stop":
+                # Every rank got the same agreed outcome, so every rank stops at this step.
+                self._stop = True
+                self._failed_save = outcome
         if decision.exit_after:
             self._stop = True
             self._stop_signum = self._stop_signum or decision.signum

@@ -15,12 +15,13 @@ removed with a warning instead of firing.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
 from pathlib import Path
 
-from ckptbus import Bus, SaveRequested, SaveStarted
+from ckptbus import Bus, SaveCompleted, SaveFailed, SaveRequested, SaveStarted
 
 logger = logging.getLogger("ckptbus")
 
@@ -51,6 +52,11 @@ class FileTrigger:
         if not self.is_main_process:
             return
         self.bus.subscribe("save_started", self._on_save_started)
+        # A request answered without a new save (the step was already on disk)
+        # or one that failed still ends here: forget it, or the file would never
+        # be looked at again.
+        self.bus.subscribe("save_completed", self._on_save_started)
+        self.bus.subscribe("save_failed", self._on_save_started)
         st = self._inspect()
         if st is not None:
             logger.warning(
@@ -62,7 +68,8 @@ class FileTrigger:
 
     def close(self) -> None:
         if self.is_main_process:
-            self.bus.unsubscribe("save_started", self._on_save_started)
+            for name in ("save_started", "save_completed", "save_failed"):
+                self.bus.unsubscribe(name, self._on_save_started)
 
     def poll(self, step: int) -> None:
         if not self.is_main_process or step % self.check_interval != 0 or self._outstanding is not None:
@@ -75,7 +82,8 @@ class FileTrigger:
         logger.info("ckptbus: trigger file %s seen at step %d; asking every rank to save", self.path, step)
         self.bus.publish(request)
 
-    def _on_save_started(self, event: SaveStarted) -> None:
+    def _on_save_started(self, event: SaveStarted | SaveCompleted | SaveFailed) -> None:
+        """Every rank agreed to save (or the request was answered): delete the file and forget the request."""
         if self._outstanding is None or self._outstanding not in event.request_ids:
             return
         self._outstanding = None
@@ -120,11 +128,15 @@ class FileTrigger:
             self._spent = None
             return None
         except OSError as exc:
+            what_to_do = (
+                f"Check the permissions of {self.path.parent}."
+                if exc.errno in (errno.EACCES, errno.EPERM)
+                else f"Remove it (rm {self.path}) and touch a regular file instead."
+            )
             self._warn(
                 warn,
                 f"error:{exc.errno}",
-                f"cannot inspect trigger path {self.path} ({exc.strerror}); ignoring it. "
-                f"Check the permissions of {self.path.parent}.",
+                f"cannot inspect trigger path {self.path} ({exc.strerror}); ignoring it. {what_to_do}",
             )
             return None
         if stat.S_ISREG(st.st_mode):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -229,6 +230,42 @@ class TrainingRun:
     def wait_for_step(self, step: int, timeout: float = DEFAULT_TIMEOUT) -> int:
         return int(self.wait_for(lambda: self.last_step() >= step and self.last_step(), f"step {step}", timeout))
 
+    def rank_pids(self) -> dict[int, int]:
+        """``{global rank: pid}`` of the ranks running now (from each worker's ``RANK`` environment variable)."""
+        ranks: dict[int, int] = {}
+        for pid in self.worker_pids():
+            rank = process_env(pid).get("RANK", "0" if self.processes == 1 else "")
+            if rank.isdigit():
+                ranks[int(rank)] = pid
+        return ranks
+
+    def wait_for_ranks(self, count: int | None = None, timeout: float = DEFAULT_TIMEOUT) -> dict[int, int]:
+        """Wait until ``count`` ranks (default: ``processes``) run; return :meth:`rank_pids`."""
+        want = self.processes if count is None else count
+        return dict(self.wait_for(lambda: len(self.rank_pids()) >= want and self.rank_pids(), f"{want} ranks", timeout))
+
+
+def process_env(pid: int) -> dict[str, str]:
+    """The environment a process started with (empty if it is gone)."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def limit_file_size(pid: int, nbytes: int | None) -> None:
+    """Set the soft ``RLIMIT_FSIZE`` of a running process; ``None`` lifts it again.
+
+    A real "file too large" failure: the process's writes past ``nbytes`` fail
+    with EFBIG (Python ignores SIGXFSZ, which would otherwise kill it). Only
+    the soft limit changes, so lifting it needs no privilege.
+    """
+    _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+    soft = hard if nbytes is None else nbytes
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
+
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
@@ -241,3 +278,45 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             with contextlib.suppress(json.JSONDecodeError):  # a line being written
                 rows.append(json.loads(line))
     return rows
+
+
+# -- helpers for the socket and CLI tests ----------------------------------------
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of process ``pid``."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def thread_count(pid: int) -> int:
+    """Threads of process ``pid``."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def raw_exchange(path: str | os.PathLike[str], data: bytes, *, end_input: bool = True, timeout: float = 30.0) -> bytes:
+    """Send ``data`` to the UNIX socket at ``path`` and return everything it answers until it closes.
+
+    ``end_input`` shuts down our sending side after ``data`` (the server sees
+    end of input). A connection reset counts as the end of the answer.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(os.fspath(path))
+        with contextlib.suppress(OSError):  # the server may answer and close before reading it all
+            sock.sendall(data)
+            if end_input:
+                sock.shutdown(socket.SHUT_WR)
+        received = b""
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                return received
+            if not chunk:
+                return received
+            received += chunk
+
+
+def reply_lines(answer: bytes) -> list[dict[str, Any]]:
+    """The JSON lines of a socket answer."""
+    return [json.loads(line) for line in answer.splitlines() if line.strip()]

@@ -1,0 +1,50 @@
+"""Run every benchmark; each writes JSON (and a PNG where it plots) under benchmarks/results/.
+
+    python benchmarks/run_all.py            # or: make bench
+
+Each benchmark measures its arms side by side in one run and reports ratios,
+because these machines are shared and noisy.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launch(script: str, processes: int = 2) -> list[str]:
+    return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
+            "--main_process_port", str(free_port()), str(HERE / script)]  # fmt: skip
+
+
+BENCHMARKS: list[tuple[str, list[str]]] = [
+    ("per-step overhead (file trigger, check_interval 1 and 100)", launch("overhead.py")),
+    ("per-step overhead (signals every step)", launch("signal_overhead.py")),
+    ("CLI start-up", [sys.executable, str(HERE / "cli_startup.py")]),
+]
+
+
+def main() -> int:
+    failed = 0
+    for title, cmd in BENCHMARKS:
+        if not Path(cmd[-1]).exists():
+            print(f"== {title}: {Path(cmd[-1]).name} not present, skipped")
+            continue
+        print(f"== {title}\n$ {' '.join(cmd)}", flush=True)
+        failed += subprocess.call(cmd) != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

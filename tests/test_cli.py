@@ -1,0 +1,370 @@
+"""The ``ckptbus`` command: request, status, list; output for people and programs; exit codes.
+
+Fast tests run the CLI in this process against a server in this process (the
+test plays the sink); the slow ones run the installed ``ckptbus`` script
+against a real 2-rank ``accelerate launch`` run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from ckptbus.plugins.unix_socket import UnixSocketTrigger
+from launch import BIN, REPO, TrainingRun
+
+from ckptbus import Bus, SaveCompleted, SaveFailed, SaveRequested, list_checkpoints, read_checkpoint
+from ckptbus._layout import rotation_victims
+from ckptbus._socket_path import MAX_SOCKET_PATH_BYTES, POINTER_NAME, SOCKET_NAME
+from ckptbus.cli import main
+from ckptbus.commands._common import (
+    EXIT_OK,
+    EXIT_SAVE_FAILED,
+    EXIT_TIMEOUT,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
+
+CKPTBUS = str(BIN / "ckptbus")
+
+
+def cli(*argv: str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run ``ckptbus argv`` in this process; returns (exit code, stdout, stderr)."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse's usage errors
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def script(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``ckptbus`` script."""
+    return subprocess.run([CKPTBUS, *argv], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[UnixSocketTrigger, list[SaveRequested]]]:
+    bus = Bus()
+    requests: list[SaveRequested] = []
+    bus.subscribe("save_requested", requests.append)
+    trigger = UnixSocketTrigger(bus, tmp_path, timeout=2.0, status=lambda: {"step": 42, "pending_requests": 0})
+    trigger.start()
+    yield trigger, requests
+    trigger.close()
+
+
+def answer_when_asked(trigger: UnixSocketTrigger, requests: list[SaveRequested], outcome: str) -> threading.Thread:
+    """Play the sink: once a request arrives, publish its outcome."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 20
+        while not requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        request = requests[0]
+        common: dict[str, Any] = {
+            "step": 42,
+            "kind": request.kind,
+            "reasons": ("socket",),
+            "request_ids": (request.request_id,),
+            "labels": (request.label,) if request.label else (),
+            "exit_after": False,
+        }
+        if outcome == "completed":
+            trigger.bus.publish(SaveCompleted(path="/x/checkpoint-42", bytes=1, seconds=0.1, **common))
+        else:
+            trigger.bus.publish(SaveFailed(error="writing: OSError: [Errno 28] No space left on device", **common))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+# -- no torch, fast start -----------------------------------------------------------
+
+
+def test_cli_imports_no_torch() -> None:
+    code = (
+        "import sys, ckptbus.cli, ckptbus.commands.request, ckptbus.commands.status, ckptbus.commands.list;"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'accelerate', 'transformers', 'numpy'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_help_lists_the_commands() -> None:
+    out = script("--help")
+    assert out.returncode == 0
+    for command in ("request", "status", "list"):
+        assert command in out.stdout
+    assert "exit codes" in out.stdout
+
+
+# -- usage errors (exit 2) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["explode"],
+        ["request"],
+        ["status"],
+        ["list"],
+        ["request", "--output-dir", "x", "--kind", "half"],
+        ["request", "--output-dir", "x", "--label", "x" * 300],
+        ["request", "--output-dir", "x", "--label", "two\nlines"],
+        ["request", "--output-dir", "x", "--timeout", "0"],
+        ["request", "--output-dir", "x", "--socket", "y"],
+        ["status", "--output-dir", "x", "--timeout", "-1"],
+        ["list", "--output-dir", "/no/such/dir"],
+        ["list", "--output-dir", ".", "--save-total-limit", "0"],
+        ["status", "--config", "/no/such/config.yaml"],
+    ],
+)
+def test_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(*argv, capsys=capsys)
+    assert code == EXIT_USAGE, (out, err)
+    assert err  # says what is wrong
+
+
+def test_usage_error_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli("list", "--output-dir", "/no/such/dir", "--json", capsys=capsys)
+    assert code == EXIT_USAGE
+    assert json.loads(out) == {
+        "ok": False,
+        "exit_code": EXIT_USAGE,
+        "error": {"code": "usage", "message": "/no/such/dir is not a directory"},
+    }
+
+
+# -- run not reachable (exit 3) -----------------------------------------------------------
+
+
+def test_no_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli("request", "--output-dir", str(tmp_path), capsys=capsys)
+    assert code == EXIT_UNREACHABLE and out == ""
+    assert "no socket at" in err and str(tmp_path / SOCKET_NAME) in err
+
+
+def test_stale_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(tmp_path / SOCKET_NAME))
+    stale.close()
+    code, _, err = cli("status", "--output-dir", str(tmp_path), capsys=capsys)
+    assert code == EXIT_UNREACHABLE and "stale socket" in err
+
+
+def test_not_a_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / SOCKET_NAME).write_text("hello")
+    code, out, _ = cli("status", "--output-dir", str(tmp_path), "--json", capsys=capsys)
+    assert code == EXIT_UNREACHABLE
+    error = json.loads(out)["error"]
+    assert error["code"] == "unreachable" and "is not a socket" in error["message"]
+    assert (tmp_path / SOCKET_NAME).read_text() == "hello"
+
+
+# -- against a server in this process ----------------------------------------------------------
+
+
+def test_request_waits_and_prints_the_path(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trigger, requests = server
+    answering = answer_when_asked(trigger, requests, "completed")
+    code, out, err = cli("request", "--output-dir", str(tmp_path), "--label", "before lr drop", capsys=capsys)
+    answering.join()
+    assert (code, out) == (EXIT_OK, "/x/checkpoint-42\n")
+    assert "waiting" in err
+    assert (requests[0].kind, requests[0].reason, requests[0].label) == ("full", "socket", "before lr drop")
+
+
+def test_request_json(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trigger, requests = server
+    answering = answer_when_asked(trigger, requests, "completed")
+    code, out, err = cli("request", "--socket", str(trigger.path), "--kind", "weights", "--json", capsys=capsys)
+    answering.join()
+    reply = json.loads(out)
+    assert code == EXIT_OK and err == ""
+    assert reply["state"] == "completed" and reply["path"] == "/x/checkpoint-42" and reply["kind"] == "weights"
+
+
+def test_request_no_wait(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, requests = server
+    code, out, _ = cli("request", "--output-dir", str(tmp_path), "--no-wait", capsys=capsys)
+    assert code == EXIT_OK and out.strip() == requests[0].request_id
+    code, out, _ = cli("request", "--output-dir", str(tmp_path), "--no-wait", "--json", capsys=capsys)
+    reply = json.loads(out)
+    assert reply["state"] == "queued" and reply["request_id"] == requests[0].request_id and reply["shared"] is True
+
+
+def test_save_failed(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trigger, requests = server
+    answering = answer_when_asked(trigger, requests, "failed")
+    code, out, err = cli("request", "--output-dir", str(tmp_path), capsys=capsys)
+    answering.join()
+    assert code == EXIT_SAVE_FAILED and out == ""
+    assert "the checkpoint was not saved" in err and "No space left on device" in err
+
+
+def test_save_failed_json(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trigger, requests = server
+    answering = answer_when_asked(trigger, requests, "failed")
+    code, out, _ = cli("request", "--output-dir", str(tmp_path), "--json", capsys=capsys)
+    answering.join()
+    reply = json.loads(out)
+    assert code == EXIT_SAVE_FAILED == reply["exit_code"]
+    assert reply["ok"] is False and reply["error"]["code"] == "save_failed"
+
+
+def test_timeout(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    code, _, err = cli("request", "--output-dir", str(tmp_path), "--timeout", "0.5", capsys=capsys)
+    assert code == EXIT_TIMEOUT and time.monotonic() - started < 10
+    assert "stays queued" in err
+
+
+def test_run_ending_while_waiting(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    trigger, requests = server
+
+    def close_when_asked() -> None:
+        while not requests:
+            time.sleep(0.01)
+        trigger.close()
+
+    closer = threading.Thread(target=close_when_asked)
+    closer.start()
+    code, _, err = cli("request", "--output-dir", str(tmp_path), capsys=capsys)
+    closer.join()
+    assert code == EXIT_SAVE_FAILED and "the run ended first" in err
+
+
+def test_status_plain_and_json(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli("status", "--output-dir", str(tmp_path), capsys=capsys)
+    assert code == EXIT_OK
+    assert "step:             42" in out and "last checkpoint:  none yet" in out and "pending requests: 0" in out
+    code, out, _ = cli("status", "--output-dir", str(tmp_path), "--json", capsys=capsys)
+    status = json.loads(out)
+    assert code == EXIT_OK and status["step"] == 42 and status["pid"] == os.getpid()
+
+
+def test_config_names_the_run(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "max_steps": 10, "model": {"n_layer": 1}}))
+    code, out, _ = cli("status", "--config", str(config), "--json", capsys=capsys)
+    assert code == EXIT_OK and json.loads(out)["step"] == 42
+
+
+# -- against a real 2-rank run -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingRun]:
+    run = TrainingRun(tmp_path_factory.mktemp("cli"), config={"save_steps": 20}).start()
+    try:
+        run.wait_for(lambda: (run.output_dir / SOCKET_NAME).exists() and run.last_step() >= 1, "the socket")
+        yield run
+    finally:
+        run.kill()
+
+
+@pytest.mark.slow
+def test_live_request_prints_a_complete_checkpoint(live: TrainingRun) -> None:
+    out = script("request", "--output-dir", str(live.output_dir), "--label", "before lr drop")
+    assert out.returncode == 0, out.stderr
+    info = read_checkpoint(out.stdout.strip())
+    assert info.manifest.labels == ["before lr drop"] and info.manifest.kind == "full"
+    assert info.manifest.world_size == 2
+
+
+@pytest.mark.slow
+def test_live_weights_no_wait(live: TrainingRun) -> None:
+    out = script(
+        "request", "--output-dir", str(live.output_dir), "--kind", "weights", "--label", "w", "--no-wait", "--json"
+    )
+    assert out.returncode == 0, out.stderr
+    queued = json.loads(out.stdout)
+    assert queued["state"] == "queued" and queued["kind"] == "weights"
+    done = live.wait_for(
+        lambda: [
+            e for e in live.events() if e["event"] == "SaveCompleted" and queued["request_id"] in e["request_ids"]
+        ],
+        "the weights checkpoint",
+    )
+    info = read_checkpoint(done[0]["path"])
+    assert "w" in info.manifest.labels and (info.path / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_live_status(live: TrainingRun) -> None:
+    out = script("status", "--output-dir", str(live.output_dir))
+    assert out.returncode == 0, out.stderr
+    assert "step:" in out.stdout and "processes:        2" in out.stdout
+    out = script("status", "--output-dir", str(live.output_dir), "--json")
+    status = json.loads(out.stdout)
+    assert status["world_size"] == 2 and status["step"] >= 1
+
+
+@pytest.mark.slow
+def test_live_list(live: TrainingRun, tmp_path: Path) -> None:
+    live.wait_for(lambda: len(list_checkpoints(live.output_dir)) >= 3, "three checkpoints")
+    assert script("request", "--output-dir", str(live.output_dir), "--label", "mine").returncode == 0
+    out = script("list", "--output-dir", str(live.output_dir), "--save-total-limit", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
+    on_disk = {str(c.path): c for c in list_checkpoints(live.output_dir)}
+    rows = {row["path"]: row for row in listed["checkpoints"]}
+    assert set(rows) <= set(on_disk)  # the run has no save_total_limit: it only adds checkpoints
+    victims = {str(c.path) for c in rotation_victims([on_disk[p] for p in rows], 1)}
+    assert {p for p, r in rows.items() if r["keep"] is False} == victims
+    assert victims  # scheduled ones beyond the newest
+    mine = [r for r in rows.values() if "mine" in r["labels"]]
+    assert mine and mine[0]["keep"] is True and "socket" in mine[0]["reason"]
+    # Plain output: a header and one line per checkpoint.
+    out = script("list", "--output-dir", str(live.output_dir))
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["STEP", "KIND", "REASON"] and len(lines) >= 4
+    assert all(line.split()[-2] == "-" for line in lines[1:])  # no limit given: no rotation column
+    # --config reads save_total_limit (and output_dir) from the run's config.
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**live.config, "save_total_limit": 1}))
+    out = script("list", "--config", str(config), "--json")
+    assert json.loads(out.stdout)["save_total_limit"] == 1
+
+
+@pytest.mark.slow
+def test_live_long_output_dir(tmp_path: Path) -> None:
+    output_dir = tmp_path / ("a-rather-long-directory-name-" * 3) / ("and-another-one-" * 3)
+    assert len(os.fsencode(output_dir / SOCKET_NAME)) > MAX_SOCKET_PATH_BYTES
+    run = TrainingRun(tmp_path, config={"output_dir": str(output_dir), "max_steps": 400}).start()
+    try:
+        run.wait_for(lambda: (output_dir / POINTER_NAME).exists() and run.last_step() >= 1, "the pointer file")
+        sock = Path((output_dir / POINTER_NAME).read_text().strip())
+        assert len(os.fsencode(sock)) <= MAX_SOCKET_PATH_BYTES
+        out = script("request", "--output-dir", str(output_dir), "--label", "long")
+        assert out.returncode == 0, out.stderr + run.log_tail()
+        assert read_checkpoint(out.stdout.strip()).manifest.labels == ["long"]
+        assert run.wait_exit() == 0
+        assert not sock.exists() and not (output_dir / POINTER_NAME).exists()
+    finally:
+        run.kill()
+
+
+def test_benchmark_script_runs(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "cli_startup.py"), "--runs", "2", "--out", str(tmp_path / "r.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["torch_loaded"] is False and result["median_seconds"]["import ckptbus.cli"] > 0
