@@ -177,7 +177,10 @@ class AccelerateSink:
                     if renamed:
                         # Another node's commit failed (one committer per node): take this node's copy back,
                         # so that no node keeps a checkpoint the others lack.
-                        withdraw(final)
+                        try:
+                            withdraw(final)
+                        except OSError as exc:
+                            logger.warning("ckptbus: could not take back %s (%s); delete it by hand", final, exc)
                 if self.accelerator.is_main_process:
                     logger.error("ckptbus: %s checkpoint at step %d failed: %s", kind, step, error)
                 failed = SaveFailed(error=error, **common)

@@ -126,8 +126,8 @@ class SignalTrigger:
     # -- TriggerSource -------------------------------------------------------
 
     def start(self) -> None:
-        if not self._plans:
-            return
+        if not self._plans or self._previous:
+            return  # nothing to handle, or already started
         if threading.current_thread() is not threading.main_thread():
             logger.warning(
                 "ckptbus: started outside the main thread; signal handlers for %s were not installed, so these "

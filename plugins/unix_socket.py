@@ -64,6 +64,8 @@ _CLOSE_FLUSH_SECONDS: Final = 1.0
 _UCRED: Final = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 _WAKE: Final = "wake"
 _LISTEN: Final = "listen"
+_JSON_WHITESPACE: Final = b" \t\n\r"
+"""What JSON skips. Not ``bytes.strip()``'s set: a lone ``\\v`` or ``\\f`` is input, answered ``bad_json``."""
 
 StatusProvider = Callable[[], Mapping[str, object]]
 
@@ -336,7 +338,7 @@ class UnixSocketTrigger:
                 return
             line = bytes(conn.rbuf[:end])
         else:  # end of input: a last line without its newline still counts
-            if not conn.rbuf.strip():
+            if not conn.rbuf.strip(_JSON_WHITESPACE):  # nothing sent (or blanks): no request, no reply
                 self._drop(conn)
                 return
             line = bytes(conn.rbuf)

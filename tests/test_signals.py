@@ -24,13 +24,13 @@ from typing import Any
 
 import pytest
 import yaml
+from ckptbus.plugins.signals import SignalTrigger
 from launch import REPO, TrainingRun, descendants
 
 from ckptbus import Bus, ConfigError, SaveCompleted, SaveRequested, list_checkpoints, load_config, read_checkpoint
 from ckptbus._config import SIGNAL_ACTIONS, SignalsConfig
 from ckptbus._coordinator import Decision, decode_vote, encode_vote
 from ckptbus._layout import STAGING_PREFIX
-from ckptbus.plugins.signals import SignalTrigger
 
 WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
@@ -194,6 +194,14 @@ def test_close_restores_and_is_idempotent_and_respects_a_later_handler() -> None
         signal.signal(signal.SIGTERM, original)
 
 
+def test_start_twice_installs_once() -> None:
+    trigger, _ = _trigger()
+    trigger.start()
+    trigger.start()
+    trigger.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_outside_the_main_thread_warns_and_installs_nothing(caplog: pytest.LogCaptureFixture) -> None:
     trigger, _ = _trigger()
     worker = threading.Thread(target=trigger.start)
@@ -234,7 +242,7 @@ def test_bad_names_are_refused() -> None:
     with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
         SignalTrigger(Bus(), {"SIGKILL": "full_exit"})
     with pytest.raises(ValueError, match="action for SIGINT must be one of"):
-        SignalTrigger(Bus(), {"SIGINT": "explode"})  # type: ignore[dict-item]
+        SignalTrigger(Bus(), {"SIGINT": "explode"})
 
 
 # -- a second press: a real process dies at once ---------------------------------
@@ -555,12 +563,14 @@ def test_save_and_continue_then_ctrl_c(launch: Any) -> None:
     _assert_clean_exit(run, [run.pid])
 
 
-# A model whose weights take long enough to write (about 200 MB) that a second press lands mid-save.
+# A model (50M parameters) whose full checkpoint (about 600 MB with AdamW's state) takes seconds to write, so that
+# a second press lands mid-save; the steps stay short. Ctrl+C is mapped to a full save for the same reason.
 _BIG = {
     "model": {"n_layer": 1, "n_head": 4, "n_embd": 2048, "vocab_size": 32},
     "micro_batch_size": 1,
     "sequence_len": 8,
 }
+_SIGNALS = {"sigint": "full_exit", "debounce_seconds": 0.2}
 
 
 def _earlier_checkpoint(launch: Any) -> Path:
@@ -596,7 +606,7 @@ def _second_press_during_save(run: TrainingRun, press: Any) -> None:
 @pytest.mark.slow
 def test_second_ctrl_c_during_a_save_python(launch: Any) -> None:
     output_dir = _earlier_checkpoint(launch)
-    config = {**_BIG, "output_dir": str(output_dir), "dynamic_checkpoint": {"signals": {"debounce_seconds": 0.2}}}
+    config = {**_BIG, "output_dir": str(output_dir), "dynamic_checkpoint": {"signals": _SIGNALS}}
     run = launch(processes=1, launcher="python", config=config)
     _second_press_during_save(run, lambda: os.killpg(run.pid, signal.SIGINT))
     assert run.proc is not None and run.proc.returncode == -signal.SIGINT  # died of the second press
@@ -611,7 +621,7 @@ def test_second_ctrl_c_during_a_save_python(launch: Any) -> None:
 def test_second_ctrl_c_during_a_save_two_ranks(launch: Any) -> None:
     """torchrun turns the person's second Ctrl+C into SIGTERM for the ranks: that aborts too."""
     output_dir = _earlier_checkpoint(launch)
-    config = {**_BIG, "output_dir": str(output_dir), "dynamic_checkpoint": {"signals": {"debounce_seconds": 0.2}}}
+    config = {**_BIG, "output_dir": str(output_dir), "dynamic_checkpoint": {"signals": _SIGNALS}}
     run = launch(processes=2, config=config)
     pids = sorted(run.wait_for_ranks(timeout=300).values())
     _second_press_during_save(run, lambda: os.killpg(run.pid, signal.SIGINT))

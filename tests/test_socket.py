@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 from ckptbus.plugins.unix_socket import UnixSocketTrigger
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from launch import DEFAULT_TIMEOUT, TrainingRun, fd_count, raw_exchange, reply_lines, thread_count
 
@@ -259,6 +259,7 @@ BAD_INPUTS = [
     (b'{"v": 99, "op": "status"}\n', "unsupported_version"),
     (b"[" * 50000 + b"\n", "bad_json"),
     (b"x" * (MAX_LINE_BYTES + 10), "line_too_long"),
+    (b" \x0b\x0c", "bad_json"),  # blank to bytes.strip(), not to JSON: input, so it is answered
     (b"y" * (MAX_LINE_BYTES * 4) + b"\n", "line_too_long"),
 ]
 
@@ -373,7 +374,7 @@ def check_reply_to_random_bytes(path: Path, data: bytes) -> None:
     if not data.strip(b" \t\r\n"):
         assert lines == [] or lines[0]["error"]["code"] == "bad_json"
         return
-    assert len(lines) >= 1
+    assert len(lines) >= 1, f"no reply to {data[:60]!r}: {answer[:200]!r}"
     assert lines[0]["ok"] or lines[0]["error"]["code"] in ERROR_CODES
 
 
@@ -649,6 +650,10 @@ def fuzz(path: Path, examples: int) -> None:
     """A bounded hypothesis fuzz against the socket at ``path``: random bytes and text, each answered or closed."""
 
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @example(data=b"\x0b", newline=False)  # once dropped unanswered (the server stripped it as blank)
+    @example(data=b"\x0c \t", newline=False)
+    @example(data=b" \t\r", newline=False)  # JSON blanks alone: closed, or bad_json
+    @example(data=b"{}\n" + b"x" * 300, newline=False)  # input left over after the answered line
     @given(data=st.binary(max_size=512) | st.text(max_size=200).map(str.encode), newline=st.booleans())
     def one(data: bytes, newline: bool) -> None:
         check_reply_to_random_bytes(path, data + (b"\n" if newline else b""))

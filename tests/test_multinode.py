@@ -1,0 +1,144 @@
+"""Two "machines" on one host, through accelerate's own launcher.
+
+Each node is its own ``accelerate launch --multi_gpu --num_machines 2
+--machine_rank R --main_process_ip 127.0.0.1 --main_process_port P
+--num_processes 2`` (``--num_processes`` is the total over all machines,
+so one rank per node). Checked: a shared ``output_dir``, and one
+``output_dir`` per node with ``save_on_each_node: true``; the trigger file
+lives with the main process (node 0); every node ends with the same
+complete checkpoint and resumes from it exactly.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from launch import BIN, REPO, TrainingRun, free_port
+
+from ckptbus import checkpoint_path, list_checkpoints
+
+pytestmark = pytest.mark.slow
+
+DATA = {"dataset_size": 64, "micro_batch_size": 4, "sequence_len": 16, "max_steps": 20}
+
+Nodes = Callable[..., list[TrainingRun]]
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[Nodes]:
+    """``nodes(outputs=[dir0, dir1], config={...}, extra_args=[...])`` starts both machines; killed at teardown."""
+    runs: list[TrainingRun] = []
+
+    def start(outputs: list[Path], config: dict[str, Any], extra_args: tuple[str, ...] = ()) -> list[TrainingRun]:
+        port = free_port()
+        started = []
+        for machine, out in enumerate(outputs):
+            name = f"node{machine}-{len(runs)}"
+            run = TrainingRun(tmp_path, config={**config, "output_dir": str(out)}, name=name)
+            run.cmd = [
+                str(BIN / "accelerate"),
+                "launch",
+                "--multi_gpu",
+                "--num_machines",
+                "2",
+                "--machine_rank",
+                str(machine),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                str(port),
+                "--num_processes",
+                "2",
+                str(REPO / "train.py"),
+                "--config",
+                str(run.config_path),
+                *extra_args,
+            ]
+            runs.append(run.start())
+            started.append(run)
+        return started
+
+    yield start
+    for run in runs:
+        run.kill()
+
+
+def finish(runs: list[TrainingRun], expect: int = 0) -> None:
+    for run in runs:
+        code = run.wait_exit(timeout=180)
+        assert code == expect, f"{run.log_path.name} exited with {code}\n{run.log_tail()}"
+
+
+def losses(rows: list[dict[str, Any]]) -> dict[int, float]:
+    return {int(r["step"]): float(r["loss"]) for r in rows}
+
+
+def test_shared_output_dir(nodes: Nodes, tmp_path: Path) -> None:
+    out = tmp_path / "shared"
+    config = {**DATA, "dynamic_checkpoint": {"check_interval": 3}}
+    first = nodes([out, out], config)
+    main = first[0]
+    assert len(main.wait_for_ranks(1)) == 1 and len(first[1].wait_for_ranks(1)) == 1, "one rank per machine"
+    main.wait_for_step(2)
+    (out / "axolotl_checkpoint.save").touch()
+    finish(first)
+    [ckpt] = list_checkpoints(out)
+    assert ckpt.manifest.reason == "file" and ckpt.manifest.world_size == 2
+    assert {"random_states_0.pkl", "random_states_1.pkl", "model.safetensors"} <= set(ckpt.manifest.files)
+    rows_before = len(main.metrics())
+
+    second = nodes([out, out], config, ("--resume-from-checkpoint", "latest"))
+    finish(second)
+    for run in second:
+        assert f"resumed from {ckpt.path} at step {ckpt.step}" in run.log()
+    resumed = losses(main.metrics()[rows_before:])
+    assert sorted(resumed) == list(range(ckpt.step + 1, 21))
+    reference = losses(main.metrics()[:rows_before])
+    assert all(resumed[s] == reference[s] for s in resumed), "resumed losses differ"
+
+
+def test_output_dir_per_node_with_save_on_each_node(nodes: Nodes, tmp_path: Path) -> None:
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    config = {**DATA, "save_on_each_node": True, "dynamic_checkpoint": {"check_interval": 3}}
+    first = nodes(outs, config)
+    first[0].wait_for_step(2)
+    (outs[0] / "axolotl_checkpoint.save").touch()  # with the main process: node 0's directory
+    finish(first)
+    steps = [[c.step for c in list_checkpoints(out)] for out in outs]
+    assert len(steps[0]) == 1 and steps[0] == steps[1], f"every node holds the same checkpoint: {steps}"
+    step = steps[0][0]
+    for machine, out in enumerate(outs):
+        files = set(list_checkpoints(out)[0].manifest.files)
+        # Model and optimizer on every node; the RNG state of the node's own rank.
+        assert {"model.safetensors", "optimizer.bin", f"random_states_{machine}.pkl"} <= files
+        assert not [p for p in out.iterdir() if p.name.startswith(".ckptbus-")]
+    assert not (outs[1] / "metrics.jsonl").exists(), "metrics are written by the main process only"
+    rows_before = len(first[0].metrics())
+
+    second = nodes(outs, config, ("--resume-from-checkpoint", "latest"))
+    finish(second)
+    for machine, run in enumerate(second):
+        assert f"resumed from {checkpoint_path(outs[machine], step)} at step {step}" in run.log()
+    resumed = losses(first[0].metrics()[rows_before:])
+    reference = losses(first[0].metrics()[:rows_before])
+    assert sorted(resumed) == list(range(step + 1, 21))
+    assert all(resumed[s] == reference[s] for s in resumed), "resumed losses differ"
+
+
+def test_nodes_that_hold_different_latest_checkpoints_refuse_to_resume(nodes: Nodes, tmp_path: Path) -> None:
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    config = {**DATA, "save_steps": 10, "save_on_each_node": True, "dynamic_checkpoint": {"enabled": False}}
+    finish(nodes(outs, config))
+    assert [c.step for c in list_checkpoints(outs[1])] == [10, 20]
+    shutil.rmtree(checkpoint_path(outs[1], 20))  # node 1 lost its newest checkpoint
+
+    second = nodes(outs, config, ("--resume-from-checkpoint", "latest"))
+    finish(second, expect=1)  # torchrun's status when a worker failed; the worker's own is 2
+    for run in second:
+        assert "ranks found different checkpoints for 'latest' (steps 10 to 20)" in run.log(), run.log_tail()
+        assert "exitcode  : 2" in run.log()
+    assert len(second[0].metrics()) == 20, "nothing trained after the refusal"
