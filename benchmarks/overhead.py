@@ -43,7 +43,7 @@ def ckpt_config(output_dir: str, check_interval: int) -> CheckpointConfig:
     block: dict[str, Any] = {"enabled": True, "check_interval": check_interval, "event_log": False}
     fields = DynamicCheckpointConfig.__dataclass_fields__
     if "signals" in fields:
-        block["signals"] = {name: "none" for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGHUP")}
+        block["signals"] = {name: "none" for name in ("sigint", "sigterm", "sigusr1", "sighup")}
     if "socket" in fields:
         block["socket"] = {"enabled": False}
     return build(CheckpointConfig, {"output_dir": output_dir, "dynamic_checkpoint": block})

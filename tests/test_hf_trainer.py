@@ -209,3 +209,16 @@ def test_trainer_file_socket_ctrl_c_then_resume(trainer_run: Callable[..., Train
     assert resumed.wait_exit(timeout=240) == 0, resumed.log_tail()
     steps = [row["step"] for row in resumed.metrics()]
     assert steps == list(range(by_socket.step + 1, by_socket.step + 5)), steps
+
+
+@pytest.mark.slow
+def test_training_arguments_without_use_cpu_are_refused_instead_of_writing_twice(
+    trainer_run: Callable[..., TrainingRun],
+) -> None:
+    run = trainer_run(6, "--no-cpu")
+    assert run.wait_exit(timeout=240) != 0
+    log = run.log()
+    assert "SetupError: torch.distributed has 2 ranks but the Trainer sees 1 process(es)" in log, run.log_tail()
+    assert "pass TrainingArguments(use_cpu=True)" in log
+    written = sorted(p.name for p in run.output_dir.iterdir()) if run.output_dir.exists() else []
+    assert not [name for name in written if name.startswith("checkpoint-")], written

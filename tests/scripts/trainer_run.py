@@ -14,6 +14,7 @@ Ctrl+C).
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -84,6 +85,11 @@ def main() -> int:
     )
     trainer.train(resume_from_checkpoint=ckpt.resume_checkpoint(resume))  # ckptbus: complete checkpoints only
     code = ckpt.exit_code  # ckptbus: 128 + signal number after Ctrl+C
+    # Release the DDP model before the process group: when its reducer holds the group's last reference,
+    # gloo's destructor can hang at exit (see train.py).
+    trainer.accelerator.free_memory()
+    del trainer, model
+    gc.collect()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return code
