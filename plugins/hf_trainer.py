@@ -112,7 +112,7 @@ def config_from_mapping(data: Mapping[str, Any], *, ignore_unknown: bool = False
     return build(CheckpointConfig, picked), given
 
 
-class DynamicCheckpointCallback(TrainerCallback):  # type: ignore[misc]  # transformers is untyped for mypy here
+class DynamicCheckpointCallback(TrainerCallback):
     """On-demand checkpoints for ``transformers.Trainer``. See the module docstring and docs/trainer.md.
 
     ``config``: a :class:`~ckptbus.CheckpointConfig`; a mapping of the same
@@ -142,7 +142,9 @@ class DynamicCheckpointCallback(TrainerCallback):  # type: ignore[misc]  # trans
         dyn = config.dynamic_checkpoint
         self._signals: SignalTrigger | None = None
         if dyn.enabled and any(action != "none" for action in dyn.signals.actions().values()):
-            self._signals = SignalTrigger(self.bus, dyn.signals.actions(), debounce_seconds=dyn.signals.debounce_seconds)
+            self._signals = SignalTrigger(
+                self.bus, dyn.signals.actions(), debounce_seconds=dyn.signals.debounce_seconds
+            )
         self._coordinator = Coordinator(
             self._exchange,
             check_interval=dyn.check_interval,
@@ -248,7 +250,9 @@ class DynamicCheckpointCallback(TrainerCallback):  # type: ignore[misc]  # trans
         if os.fspath(target) == "latest":
             info = latest_full(self.output_dir)
             if info is None:
-                logger.info("ckptbus: resume_from_checkpoint=latest: no complete full checkpoint in %s", self.output_dir)
+                logger.info(
+                    "ckptbus: resume_from_checkpoint=latest: no complete full checkpoint in %s", self.output_dir
+                )
                 return None
         else:
             info = read_checkpoint(target)
@@ -306,7 +310,9 @@ class DynamicCheckpointCallback(TrainerCallback):  # type: ignore[misc]  # trans
             decision = Decision(step, "full", False, ("schedule",), ())
             kind: SaveKind = "weights" if args.save_only_model else "full"
             pending = (decision, kind, time.perf_counter())
-            self.bus.publish(SaveStarted(path=str(checkpoint_path(self.output_dir, step)), **self._common(decision, kind)))
+            self.bus.publish(
+                SaveStarted(path=str(checkpoint_path(self.output_dir, step)), **self._common(decision, kind))
+            )
         outcome = self._finish(args, *pending)
         if isinstance(outcome, SaveCompleted):
             self._saved[step] = outcome
@@ -321,7 +327,7 @@ class DynamicCheckpointCallback(TrainerCallback):  # type: ignore[misc]  # trans
     # -- internals -----------------------------------------------------------------
 
     def _adopt_output_dir(self, args: TrainingArguments) -> None:
-        trainer_dir = os.fspath(args.output_dir)
+        trainer_dir = os.fspath(args.output_dir or "trainer_output")  # the Trainer's own default
         if not self._output_dir_given:
             self.config = dataclasses.replace(self.config, output_dir=trainer_dir)
             return
@@ -378,7 +384,9 @@ class DynamicCheckpointCallback(TrainerCallback):  # type: ignore[misc]  # trans
         for source in self._sources:
             source.start()
 
-    def _agreed(self, decision: Decision, args: TrainingArguments, control: TrainerControl, trainer_saves: bool) -> None:
+    def _agreed(
+        self, decision: Decision, args: TrainingArguments, control: TrainerControl, trainer_saves: bool
+    ) -> None:
         """Every rank agreed on ``decision``: have the Trainer save this step (and stop, if asked)."""
         step = decision.step
         if decision.exit_after:
@@ -388,7 +396,9 @@ class DynamicCheckpointCallback(TrainerCallback):  # type: ignore[misc]  # trans
         if trainer_saves and "schedule" not in decision.reasons:
             decision = dataclasses.replace(decision, reasons=("schedule", *decision.reasons))
         # A weights request alone saves the model only; a step the Trainer saves anyway keeps its full checkpoint.
-        kind: SaveKind = "weights" if args.save_only_model or (decision.kind == "weights" and not trainer_saves) else "full"
+        kind: SaveKind = (
+            "weights" if args.save_only_model or (decision.kind == "weights" and not trainer_saves) else "full"
+        )
         if kind == "weights" and not args.save_only_model:
             self._restore_save_only_model = False
             args.save_only_model = True
@@ -397,7 +407,9 @@ class DynamicCheckpointCallback(TrainerCallback):  # type: ignore[misc]  # trans
         logger.debug("ckptbus: rank %d: the Trainer saves a %s checkpoint at step %d", self._rank, kind, step)
         self.bus.publish(SaveStarted(path=str(checkpoint_path(self.output_dir, step)), **self._common(decision, kind)))
 
-    def _finish(self, args: TrainingArguments, decision: Decision, kind: SaveKind, started: float) -> SaveCompleted | SaveFailed:
+    def _finish(
+        self, args: TrainingArguments, decision: Decision, kind: SaveKind, started: float
+    ) -> SaveCompleted | SaveFailed:
         """After the Trainer's save on every rank: agree, write the manifest last, agree, publish."""
         step = decision.step
         final = checkpoint_path(self.output_dir, step)

@@ -74,9 +74,9 @@ def test_a_typo_inside_dynamic_checkpoint_is_refused_even_when_ignoring_other_ke
     from ckptbus.plugins.hf_trainer import DynamicCheckpointCallback
 
     path = write(tmp_path, AXOLOTL.replace("check_interval: 50", "check_intervall: 50"))
-    with pytest.raises(ConfigError, match=r"axolotl.yaml: unknown config key 'dynamic_checkpoint.check_intervall'; "):
+    with pytest.raises(ConfigError, match=r"axolotl\.yaml: unknown config key 'dynamic_checkpoint\.check_intervall'; "):
         DynamicCheckpointCallback.from_yaml(path, ignore_unknown=True)
-    with pytest.raises(ConfigError, match="'dynamic_checkpoint.check_interval': got 0"):
+    with pytest.raises(ConfigError, match=r"'dynamic_checkpoint\.check_interval': got 0"):
         DynamicCheckpointCallback({"dynamic_checkpoint": {"check_interval": 0}})
 
 
@@ -93,7 +93,7 @@ def test_output_dir_comes_from_training_arguments(tmp_path: Path) -> None:
     assert callback.resume_checkpoint("latest") is None  # nothing there yet: a fresh start
 
     other = DynamicCheckpointCallback({"output_dir": str(tmp_path / "elsewhere")})
-    with pytest.raises(SetupError, match="differs from TrainingArguments.output_dir"):
+    with pytest.raises(SetupError, match=r"differs from TrainingArguments\.output_dir"):
         other.on_init_end(args, TrainerState(), TrainerControl())
 
 
@@ -115,7 +115,7 @@ def test_resume_checkpoint_takes_complete_full_checkpoints_only(tmp_path: Path) 
     assert callback.resume_checkpoint() is None  # resume_from_checkpoint unset
     with pytest.raises(CheckpointError, match="weights-only checkpoint"):
         callback.resume_checkpoint(weights)
-    with pytest.raises(CheckpointError, match="has no ckptbus.json"):
+    with pytest.raises(CheckpointError, match=r"has no ckptbus\.json"):
         callback.resume_checkpoint(tmp_path / "checkpoint-30")
     assert read_checkpoint(full).manifest.reason == "file"
 
