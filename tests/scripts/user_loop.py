@@ -12,6 +12,7 @@ no GPU every rank then believes it is alone, and ckptbus must refuse.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -63,6 +64,11 @@ def main() -> None:
         if ckpt.step(step):  # ckptbus
             break
     ckpt.close()  # ckptbus
+    # Release the DDP model before the process group: gloo can abort or hang at
+    # exit otherwise (a torch teardown race, see train.py).
+    del model, optimizer
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
