@@ -72,7 +72,12 @@ class SaveStarted:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SaveCompleted:
-    """The checkpoint at ``path`` is complete on disk (manifest written, renamed, fsynced)."""
+    """The checkpoint at ``path`` is complete on disk (manifest written, renamed, fsynced).
+
+    ``seconds``: from the agreement to the commit. ``stall_seconds``: how long training was held (the slowest
+    rank). ``write_seconds``: the time to persist, from the start of writing to the commit, fsync included.
+    Both are those the manifest records (0.0 where a save was answered by a checkpoint already on disk).
+    """
 
     step: int
     kind: SaveKind
@@ -83,6 +88,8 @@ class SaveCompleted:
     path: str
     bytes: int
     seconds: float
+    stall_seconds: float = 0.0
+    write_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -68,6 +68,11 @@ class Manifest:
     bytes: int = 0
     seconds: float = 0.0
     """Wall time from the agreement to the commit."""
+    stall_seconds: float = 0.0
+    """How long training was held by this save (the slowest rank): the whole save when it is synchronous, the
+    snapshot into host memory with ``async_save``."""
+    write_seconds: float = 0.0
+    """Time to persist: from the start of writing the files to the commit, fsync included (the slowest rank)."""
     format: int = MANIFEST_FORMAT
 
     @property
@@ -95,6 +100,8 @@ class Manifest:
                 files={str(k): int(v) for k, v in data.get("files", {}).items()},
                 bytes=int(data.get("bytes", 0)),
                 seconds=float(data.get("seconds", 0.0)),
+                stall_seconds=float(data.get("stall_seconds", 0.0)),
+                write_seconds=float(data.get("write_seconds", 0.0)),
                 format=int(data.get("format", MANIFEST_FORMAT)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -134,6 +141,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
 
 def read_checkpoint_files(p: Path) -> CheckpointInfo:
     """Validate the manifest and files of the directory ``p``, whatever its name."""
+    if not p.exists():
+        raise CheckpointError(f"{p} does not exist; `ckptbus list --output-dir DIR` shows the complete checkpoints")
     if not p.is_dir():
         raise CheckpointError(f"{p} is not a directory")
     try:

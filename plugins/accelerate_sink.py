@@ -139,7 +139,9 @@ class AccelerateSink:
         }
         self.bus.publish(SaveStarted(path=str(final), **common))
         started = time.perf_counter()
+        write_started = started
         committed_bytes = 0
+        timings = [0.0, 0.0]
         renamed = False
 
         def prepare() -> None:
@@ -147,11 +149,16 @@ class AccelerateSink:
                 prepare_staging(self.output_dir, step)
 
         def write() -> None:
+            nonlocal write_started
+            write_started = time.perf_counter()
             self._write(kind, staging)
 
         def finish() -> None:
             nonlocal committed_bytes, renamed
             if self.is_committer:
+                # The agreement after "writing" waited for every rank, so these times are the slowest rank's;
+                # the fsync inside commit() is part of the write, and training is held for all of it.
+                now = time.perf_counter()
                 manifest = commit(
                     staging,
                     final,
@@ -162,10 +169,13 @@ class AccelerateSink:
                         "world_size": self.accelerator.num_processes,
                         "labels": list(labels),
                         "request_ids": list(common["request_ids"]),
-                        "seconds": round(time.perf_counter() - started, 3),
+                        "seconds": round(now - started, 3),
+                        "stall_seconds": round(now - started, 3),
+                        "write_seconds": round(now - write_started, 3),
                     },
                 )
                 committed_bytes = manifest.bytes
+                timings[:] = [manifest.stall_seconds, manifest.write_seconds]
                 renamed = True
 
         stages = (("creating the staging directory", prepare), ("writing", write), ("committing", finish))
@@ -189,12 +199,20 @@ class AccelerateSink:
 
         seconds = time.perf_counter() - started
         self._rotate(final)
-        nbytes = self.exchange([committed_bytes])[0]  # every rank reports the size the committer measured
+        # Every rank reports the size and times the committer recorded in the manifest (one collective).
+        nbytes, stall, persist = self._committed_figures(committed_bytes, *timings)
         if self.accelerator.is_main_process:
             logger.info("ckptbus: saved %s checkpoint %s (%d bytes) in %.2f s", kind, final, nbytes, seconds)
-        completed = SaveCompleted(path=str(final), bytes=nbytes, seconds=seconds, **common)
+        completed = SaveCompleted(
+            path=str(final), bytes=nbytes, seconds=seconds, stall_seconds=stall, write_seconds=persist, **common
+        )
         self.bus.publish(completed)
         return completed
+
+    def _committed_figures(self, nbytes: int, stall: float, write: float) -> tuple[int, float, float]:
+        """The committer's bytes and seconds on every rank (milliseconds travel as ints; max over ranks)."""
+        got = self.exchange([nbytes, round(stall * 1000), round(write * 1000)])
+        return got[0], got[1] / 1000, got[2] / 1000
 
     # -- the stages ---------------------------------------------------------
 

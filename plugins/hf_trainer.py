@@ -415,14 +415,16 @@ class DynamicCheckpointCallback(TrainerCallback):
         final = checkpoint_path(self.output_dir, step)
         committer = bool(args.should_save)
         nbytes = 0
+        elapsed = 0.0
 
         def check() -> None:
             if committer and not final.is_dir():
                 raise CheckpointError(f"the Trainer did not write {final}")
 
         def commit() -> None:
-            nonlocal nbytes
+            nonlocal nbytes, elapsed
             if committer:
+                elapsed = round(time.perf_counter() - started, 3)
                 nbytes = _write_manifest(
                     final,
                     step=step,
@@ -431,7 +433,10 @@ class DynamicCheckpointCallback(TrainerCallback):
                     world_size=self._world_size,
                     labels=[r.label for r in decision.requests if r.label],
                     request_ids=[r.request_id for r in decision.requests],
-                    seconds=round(time.perf_counter() - started, 3),
+                    # The Trainer saved synchronously: training was held for the whole save.
+                    seconds=elapsed,
+                    stall_seconds=elapsed,
+                    write_seconds=elapsed,
                 )
 
         for what, stage in (("writing", check), ("committing", commit)):
@@ -456,10 +461,17 @@ class DynamicCheckpointCallback(TrainerCallback):
             except OSError as exc:
                 logger.warning("ckptbus: rotation failed (%s); older checkpoints are kept", exc)
         seconds = time.perf_counter() - started
-        nbytes = self._exchange([nbytes])[0]
+        nbytes, elapsed_ms = self._exchange([nbytes, round(elapsed * 1000)])  # the committer's figures, on every rank
         if self._rank == 0:
             logger.info("ckptbus: saved %s checkpoint %s (%d bytes) in %.2f s", kind, final, nbytes, seconds)
-        completed = SaveCompleted(path=str(final), bytes=nbytes, seconds=seconds, **self._common(decision, kind))
+        completed = SaveCompleted(
+            path=str(final),
+            bytes=nbytes,
+            seconds=seconds,
+            stall_seconds=elapsed_ms / 1000,
+            write_seconds=elapsed_ms / 1000,
+            **self._common(decision, kind),
+        )
         self.bus.publish(completed)
         return completed
 

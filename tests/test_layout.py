@@ -96,6 +96,20 @@ def test_commit_writes_the_manifest_last_and_renames(tmp_path: Path) -> None:
     assert read_checkpoint(final).manifest == manifest
 
 
+def test_manifest_records_stall_and_write_seconds(tmp_path: Path) -> None:
+    staging = prepare_staging(tmp_path, 6)
+    (staging / "model.safetensors").write_bytes(b"1")
+    timings = {"seconds": 1.5, "stall_seconds": 0.05, "write_seconds": 1.4}
+    commit(staging, checkpoint_path(tmp_path, 6), {**fields(6), **timings})
+
+    on_disk = json.loads((checkpoint_path(tmp_path, 6) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    assert {k: on_disk[k] for k in timings} == timings
+    assert read_checkpoint(checkpoint_path(tmp_path, 6)).manifest.stall_seconds == 0.05
+    # Manifests written before these fields existed still parse (as 0.0).
+    older = {k: v for k, v in on_disk.items() if k not in ("stall_seconds", "write_seconds")}
+    assert (Manifest.from_dict(older).stall_seconds, Manifest.from_dict(older).write_seconds) == (0.0, 0.0)
+
+
 def test_commit_replaces_a_checkpoint_of_the_same_step(tmp_path: Path) -> None:
     make_checkpoint(tmp_path, 10, content=b"old")
     make_checkpoint(tmp_path, 10, content=b"newer", reason="socket")
@@ -192,7 +206,13 @@ def test_read_checkpoint_says_what_is_wrong(tmp_path: Path, damage: str, message
     assert steps(tmp_path) == []
 
 
+def test_read_checkpoint_of_a_path_that_does_not_exist(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="checkpoint-1 does not exist; `ckptbus list --output-dir DIR` shows"):
+        read_checkpoint(tmp_path / "checkpoint-1")
+
+
 def test_read_checkpoint_of_something_that_is_not_a_directory(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint-1").write_text("a file")
     with pytest.raises(CheckpointError, match="is not a directory"):
         read_checkpoint(tmp_path / "checkpoint-1")
 
