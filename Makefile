@@ -10,13 +10,13 @@ STAMP = $(VENV)/.installed
 
 .PHONY: setup train train-1 test test-quick lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch, pinned: it installs from local disk; an unpinned
 	# torch would download a CUDA build of several GB.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv with the CPU build of torch and everything else
