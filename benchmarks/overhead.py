@@ -15,6 +15,7 @@ Results go to benchmarks/results/overhead.json and overhead.png.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -51,11 +52,11 @@ def ckpt_config(output_dir: str, check_interval: int) -> CheckpointConfig:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--block", type=int, default=100, help="optimizer steps per block (a multiple of 100)")
-    parser.add_argument("--n-embd", type=int, default=256)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--n-embd", type=int, default=128)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.json"))
     args = parser.parse_args()
 
@@ -121,8 +122,11 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         plot(result, Path(args.out).with_suffix(".png"))
         print(json.dumps({k: result[k] for k in ("median_step_seconds", "throughput_ratio_vs_disabled")}, indent=2))
+    # Release the DDP model before the process group (see train.py: gloo can hang at exit otherwise).
+    model = optimizer = None  # the train_step closure holds them: drop them through its cells
+    accelerator.free_memory()
+    gc.collect()
     accelerator.end_training()
-    torch.distributed.destroy_process_group()
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

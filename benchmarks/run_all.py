@@ -32,6 +32,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("per-step overhead (file trigger, check_interval 1 and 100)", launch("overhead.py")),
     ("per-step overhead (signals every step)", launch("signal_overhead.py")),
     ("CLI start-up", [sys.executable, str(HERE / "cli_startup.py")]),
+    ("full save: async stall vs save_state, sync fsync vs dd", launch("save_stall.py")),
 ]
 
 

@@ -154,6 +154,11 @@ class DynamicCheckpointConfig:
     """After a save that failed (on any rank; every rank agrees): ``continue`` training, or ``stop`` every
     rank at that step (``train.py`` then exits with status 1). See docs/resume.md."""
 
+    async_save: bool = False
+    """Full saves hold training only while every rank copies the state into host memory; a background thread
+    writes the files and the checkpoint is committed at a later step, once every rank finished writing. Off:
+    training waits for the whole save. See docs/performance.md."""
+
     def __post_init__(self) -> None:
         _check(
             _whole(self.check_interval, 1),
@@ -186,6 +191,7 @@ class DynamicCheckpointConfig:
             + ", ".join(sorted(RESERVED_NAMES))
             + f", checkpoint-* or .ckptbus-*), for example {DEFAULT_TRIGGER_FILE!r}",
         )
+        _check(isinstance(self.async_save, bool), "dynamic_checkpoint.async_save", self.async_save, "true or false")
         _check(
             self.on_save_failure in ON_SAVE_FAILURE,
             "dynamic_checkpoint.on_save_failure",

@@ -16,6 +16,12 @@ The sequence for one save (all on the training thread of every rank):
    ``checkpoint-<step>``; a last collective tells every rank whether the
    commit worked. Only then are old checkpoints rotated out and
    ``save_completed`` (or ``save_failed``) published.
+
+An asynchronous full save (``dynamic_checkpoint.async_save``, :meth:`AccelerateSink.begin`) replaces step 3
+with a snapshot into host memory and a writer thread per rank (plugins/async_writer.py); at each later step
+boundary :meth:`AccelerateSink.poll` asks every rank, in one collective on the training thread, whether its
+writer ended, and once all have, agrees on failures and commits as in steps 4 and 5. The writer thread runs no
+collective.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +41,8 @@ from accelerate import Accelerator
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveStarted, SetupError
 from ckptbus._coordinator import Decision
 from ckptbus._layout import checkpoint_path, commit, discard, prepare_staging, rotate, staging_path, withdraw
+
+from .async_writer import HostSnapshot, Snapshot, WriteJob, async_unsupported
 
 logger = logging.getLogger("ckptbus")
 
@@ -81,6 +90,41 @@ def check_world(accelerator: Accelerator) -> None:
             )
 
 
+class _Save:
+    """One save's names and progress, shared by its stages."""
+
+    __slots__ = ("common", "decision", "final", "renamed", "sink", "staging", "started")
+
+    def __init__(self, sink: AccelerateSink, decision: Decision) -> None:
+        self.sink = sink
+        self.decision = decision
+        self.final = checkpoint_path(sink.output_dir, decision.step)
+        self.staging = staging_path(sink.output_dir, decision.step)
+        self.common: dict[str, Any] = {
+            "step": decision.step,
+            "kind": decision.kind,
+            "reasons": decision.reasons,
+            "request_ids": tuple(r.request_id for r in decision.requests),
+            "labels": tuple(r.label for r in decision.requests if r.label),
+            "exit_after": decision.exit_after,
+        }
+        self.started = time.perf_counter()
+        self.renamed = False
+
+    def prepare(self) -> None:
+        if self.sink.is_committer:
+            prepare_staging(self.sink.output_dir, self.decision.step)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """An asynchronous save whose writers run: the save, this rank's writer, and how long the snapshot held training."""
+
+    save: _Save
+    job: WriteJob
+    stall: float
+
+
 class AccelerateSink:
     """Carries out a :class:`~ckptbus._coordinator.Decision` with accelerate. See the module docstring."""
 
@@ -102,6 +146,8 @@ class AccelerateSink:
         self._model = model
         self.save_total_limit = save_total_limit
         self.rotate_on_demand = rotate_on_demand
+        self._snapshot = HostSnapshot()
+        self._async: _InFlight | None = None
 
     @property
     def is_committer(self) -> bool:
@@ -125,86 +171,176 @@ class AccelerateSink:
 
     def execute(self, decision: Decision) -> SaveCompleted | SaveFailed:
         """Save ``decision.step`` on every rank; publish and return the outcome. Call on every rank."""
-        step, kind = decision.step, decision.kind
-        final = checkpoint_path(self.output_dir, step)
-        staging = staging_path(self.output_dir, step)
-        labels = tuple(r.label for r in decision.requests if r.label)
-        common: dict[str, Any] = {
-            "step": step,
-            "kind": kind,
-            "reasons": decision.reasons,
-            "request_ids": tuple(r.request_id for r in decision.requests),
-            "labels": labels,
-            "exit_after": decision.exit_after,
-        }
-        self.bus.publish(SaveStarted(path=str(final), **common))
-        started = time.perf_counter()
-        write_started = started
-        committed_bytes = 0
-        timings = [0.0, 0.0]
-        renamed = False
-
-        def prepare() -> None:
-            if self.is_committer:
-                prepare_staging(self.output_dir, step)
+        save = self._start(decision)
+        write_started = time.perf_counter()
 
         def write() -> None:
             nonlocal write_started
             write_started = time.perf_counter()
-            self._write(kind, staging)
+            self._write(decision.kind, save.staging)
+
+        for what, stage in (("creating the staging directory", save.prepare), ("writing", write)):
+            error = self._run_agreed(what, stage)
+            if error is not None:
+                return self._fail(save, error)
+        # The agreement after "writing" waited for every rank, so these times are the slowest rank's; the fsync
+        # inside commit() is part of the write, and training is held for all of it.
+        return self._commit(save, stall_before=write_started - save.started, write_before=0.0, since=write_started)
+
+    # -- asynchronous full saves ----------------------------------------------
+
+    @property
+    def in_flight(self) -> int | None:
+        """The step of the asynchronous save being written, or None. The same on every rank."""
+        return self._async.save.decision.step if self._async is not None else None
+
+    def abandon(self) -> dict[str, Any] | None:
+        """Forget the save in flight without any collective (error paths); return its event fields, or None.
+
+        Its staging directory is never committed; the next start removes it.
+        """
+        flight, self._async = self._async, None
+        return dict(flight.save.common) if flight is not None else None
+
+    def async_unsupported(self) -> str | None:
+        """Why full saves of this run cannot be asynchronous (None if they can)."""
+        return async_unsupported(self.accelerator)
+
+    def begin(self, decision: Decision) -> SaveFailed | None:
+        """Start an asynchronous full save: staging, then a snapshot on every rank; the writers run on.
+
+        Returns the agreed failure if the staging directory or a snapshot failed on any rank, else None: the
+        save is then in flight until :meth:`poll` commits it (or reports its failure).
+        """
+        if self._async is not None:
+            raise RuntimeError(f"an asynchronous save of step {self.in_flight} is still in flight")
+        save = self._start(decision)
+        snapshot: list[Snapshot] = []
+
+        def take() -> None:
+            snapshot.append(self._snapshot.take(self.accelerator))
+
+        for what, stage in (
+            ("creating the staging directory", save.prepare),
+            ("copying the state to host memory", take),
+        ):
+            error = self._run_agreed(what, stage)
+            if error is not None:
+                return self._fail(save, error)
+        job = WriteJob(snapshot[0], save.staging)
+        job.start()
+        self._async = _InFlight(save, job, stall=time.perf_counter() - save.started)
+        return None
+
+    def poll(self, *, wait: bool = False) -> SaveCompleted | SaveFailed | None:
+        """On every rank, at a step boundary, while a save is in flight: commit it once every rank's writer ended.
+
+        One collective when some writer still runs (the outcome is then None); when all ended, the failure of
+        any rank is agreed (``save_failed`` on every rank) or the checkpoint is committed (``save_completed``).
+        ``wait``: wait for this rank's writer first (at close, or before a stop), so this call settles the save.
+        """
+        flight = self._async
+        if flight is None:
+            return None
+        if wait:
+            flight.job.wait()
+        polled = time.perf_counter()
+        ended = flight.job.done.is_set()
+        running, stall_ms, write_ms = self.exchange(
+            [int(not ended), round(flight.stall * 1000), round(flight.job.seconds * 1000) if ended else 0]
+        )
+        if running:
+            return None
+        self._async = None
+
+        def check() -> None:
+            if flight.job.error is not None:
+                raise OSError(flight.job.error)
+
+        error = self._run_agreed("writing", check)
+        if error is not None:
+            return self._fail(flight.save, error.replace(": OSError: ", ": ", 1))
+        return self._commit(flight.save, stall_before=stall_ms / 1000, write_before=write_ms / 1000, since=polled)
+
+    # -- one save, start to end -------------------------------------------------
+
+    def _start(self, decision: Decision) -> _Save:
+        save = _Save(self, decision)
+        self.bus.publish(SaveStarted(path=str(save.final), **save.common))
+        save.started = time.perf_counter()
+        return save
+
+    def _fail(self, save: _Save, error: str) -> SaveFailed:
+        if self.is_committer:
+            discard(save.staging)
+            if save.renamed:
+                # Another node's commit failed (one committer per node): take this node's copy back,
+                # so that no node keeps a checkpoint the others lack.
+                try:
+                    withdraw(save.final)
+                except OSError as exc:
+                    logger.warning("ckptbus: could not take back %s (%s); delete it by hand", save.final, exc)
+        if self.accelerator.is_main_process:
+            logger.error("ckptbus: %s checkpoint at step %d failed: %s", save.decision.kind, save.decision.step, error)
+        failed = SaveFailed(error=error, **save.common)
+        self.bus.publish(failed)
+        return failed
+
+    def _commit(
+        self, save: _Save, *, stall_before: float, write_before: float, since: float
+    ) -> SaveCompleted | SaveFailed:
+        """Commit on the committer, agreed by every rank. Training is held from ``since``, on top of ``stall_before``
+        seconds held earlier; ``write_before`` seconds of writing happened before ``since``."""
+        decision = save.decision
+        committed_bytes = 0
+        timings = [0.0, 0.0]
 
         def finish() -> None:
-            nonlocal committed_bytes, renamed
+            nonlocal committed_bytes
             if self.is_committer:
-                # The agreement after "writing" waited for every rank, so these times are the slowest rank's;
-                # the fsync inside commit() is part of the write, and training is held for all of it.
                 now = time.perf_counter()
                 manifest = commit(
-                    staging,
-                    final,
+                    save.staging,
+                    save.final,
                     {
-                        "step": step,
-                        "kind": kind,
+                        "step": decision.step,
+                        "kind": decision.kind,
                         "reason": decision.reason,
                         "world_size": self.accelerator.num_processes,
-                        "labels": list(labels),
-                        "request_ids": list(common["request_ids"]),
-                        "seconds": round(now - started, 3),
-                        "stall_seconds": round(now - started, 3),
-                        "write_seconds": round(now - write_started, 3),
+                        "labels": list(save.common["labels"]),
+                        "request_ids": list(save.common["request_ids"]),
+                        "seconds": round(now - save.started, 3),
+                        "stall_seconds": round(stall_before + now - since, 3),
+                        "write_seconds": round(write_before + now - since, 3),
                     },
                 )
                 committed_bytes = manifest.bytes
                 timings[:] = [manifest.stall_seconds, manifest.write_seconds]
-                renamed = True
+                save.renamed = True
 
-        stages = (("creating the staging directory", prepare), ("writing", write), ("committing", finish))
-        for what, stage in stages:
-            error = self._run_agreed(what, stage)
-            if error is not None:
-                if self.is_committer:
-                    discard(staging)
-                    if renamed:
-                        # Another node's commit failed (one committer per node): take this node's copy back,
-                        # so that no node keeps a checkpoint the others lack.
-                        try:
-                            withdraw(final)
-                        except OSError as exc:
-                            logger.warning("ckptbus: could not take back %s (%s); delete it by hand", final, exc)
-                if self.accelerator.is_main_process:
-                    logger.error("ckptbus: %s checkpoint at step %d failed: %s", kind, step, error)
-                failed = SaveFailed(error=error, **common)
-                self.bus.publish(failed)
-                return failed
-
-        seconds = time.perf_counter() - started
-        self._rotate(final)
+        error = self._run_agreed("committing", finish)
+        if error is not None:
+            return self._fail(save, error)
+        seconds = time.perf_counter() - save.started
+        self._rotate(save.final)
         # Every rank reports the size and times the committer recorded in the manifest (one collective).
         nbytes, stall, persist = self._committed_figures(committed_bytes, *timings)
         if self.accelerator.is_main_process:
-            logger.info("ckptbus: saved %s checkpoint %s (%d bytes) in %.2f s", kind, final, nbytes, seconds)
+            logger.info(
+                "ckptbus: saved %s checkpoint %s (%d bytes) in %.2f s (training held %.2f s)",
+                decision.kind,
+                save.final,
+                nbytes,
+                seconds,
+                stall,
+            )
         completed = SaveCompleted(
-            path=str(final), bytes=nbytes, seconds=seconds, stall_seconds=stall, write_seconds=persist, **common
+            path=str(save.final),
+            bytes=nbytes,
+            seconds=seconds,
+            stall_seconds=stall,
+            write_seconds=persist,
+            **save.common,
         )
         self.bus.publish(completed)
         return completed

@@ -110,6 +110,7 @@ class DynamicCheckpoint:
         self.bus.subscribe("save_requested", self._coordinator.enqueue)
         self._exchange = exchange
         self._failed_save: SaveFailed | None = None
+        self._async_save = dyn.async_save
         self._sink = AccelerateSink(
             accelerator,
             self.bus,
@@ -119,6 +120,11 @@ class DynamicCheckpoint:
             save_total_limit=config.save_total_limit,
             rotate_on_demand=config.rotate_on_demand,
         )
+        if self._async_save:
+            why = self._sink.async_unsupported()
+            if why is not None:
+                self._async_save = False
+                logger.warning("ckptbus: dynamic_checkpoint.async_save: %s; full saves stay synchronous", why)
         if self._sink.is_committer:
             for leftover in clean_leftovers(self.output_dir):
                 logger.warning("ckptbus: removed %s, left by a save that was interrupted", leftover)
@@ -163,9 +169,15 @@ class DynamicCheckpoint:
         self._last_step = step
         for source in self._sources:
             source.poll(step)
-        decision = self._coordinator.decide(step)
-        if decision is not None:
-            self._carry_out(decision)
+        if self._sink.in_flight is not None:
+            # An asynchronous save is being written: one small collective per step until it is committed. A
+            # scheduled save must not be skipped, so at its step training waits for the one in flight.
+            self._settle(self._sink.poll(wait=self._coordinator.is_scheduled(step)))
+        if self._sink.in_flight is None and not self._stop:
+            # While a save is in flight no new one is decided: requests stay pending until it is committed.
+            decision = self._coordinator.decide(step)
+            if decision is not None:
+                self._carry_out(decision)
         return self._stop
 
     @property
@@ -310,6 +322,7 @@ class DynamicCheckpoint:
         try:
             if self._signals is not None:
                 self._signals.poll(self._last_step)  # a signal after the last step still gets its save
+            self._settle(self._sink.poll(wait=True))  # an asynchronous save in flight is committed first
             decision = self._coordinator.decide(self._last_step, force=True, scheduled=False)
             if decision is not None:
                 self._carry_out(decision)
@@ -351,20 +364,37 @@ class DynamicCheckpoint:
                     seconds=0.0,
                 )
             )
+        elif decision.kind == "full" and self._async_save and self._sink.async_unsupported() is None:
+            # (Checked again here: a save_state pre-hook registered after start-up makes this save synchronous.)
+            outcome: SaveCompleted | SaveFailed | None = self._sink.begin(decision)
+            if outcome is None and decision.exit_after:
+                outcome = self._sink.poll(wait=True)  # training stops at this step: the save must be committed
+            self._settle(outcome)
         else:
-            outcome = self._sink.execute(decision)
-            if isinstance(outcome, SaveCompleted):
-                self._saved[decision.step] = outcome
-            elif self.config.dynamic_checkpoint.on_save_failure == "stop":
-                # Every rank got the same agreed outcome, so every rank stops at this step.
-                self._stop = True
-                self._failed_save = outcome
+            self._settle(self._sink.execute(decision))
         if decision.exit_after:
             self._stop = True
             self._stop_signum = self._stop_signum or decision.signum
 
+    def _settle(self, outcome: SaveCompleted | SaveFailed | None) -> None:
+        """Record the agreed outcome of a save (None: nothing ended yet)."""
+        if isinstance(outcome, SaveCompleted):
+            self._saved[outcome.step] = outcome
+        elif outcome is not None and self.config.dynamic_checkpoint.on_save_failure == "stop":
+            # Every rank got the same agreed outcome, so every rank stops at this step.
+            self._stop = True
+            self._failed_save = outcome
+
     def _shutdown(self, why: str) -> None:
         self._closed = True
+        abandoned = self._sink.abandon()
+        if abandoned is not None:
+            self.bus.publish(
+                SaveFailed(
+                    **abandoned,
+                    error=f"{why} before the checkpoint was committed; it was not made visible",
+                )
+            )
         for request in self._coordinator.drain():
             self.bus.publish(
                 SaveFailed(

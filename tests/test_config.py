@@ -353,3 +353,11 @@ def test_trigger_file_path_must_not_be_a_file_ckptbus_writes(name: str) -> None:
     message = str(info.value)
     assert message.startswith(f"config key 'dynamic_checkpoint.trigger_file_path': got {name!r}, expected a file name")
     assert "ckptbus does not write itself" in message
+
+
+def test_async_save_is_off_by_default_and_must_be_a_bool(tmp_path: Path) -> None:
+    assert DynamicCheckpointConfig().async_save is False
+    loaded, *_ = load_config(write(tmp_path, {"output_dir": "o", "dynamic_checkpoint": {"async_save": True}}))
+    assert loaded.dynamic_checkpoint.async_save is True
+    with pytest.raises(ConfigError, match=re.escape("'dynamic_checkpoint.async_save': got 'yes'")):
+        DynamicCheckpointConfig(async_save="yes")  # type: ignore[arg-type]

@@ -1,0 +1,292 @@
+"""How long a full save holds training, and how fast a synchronous save persists, side by side in one run.
+
+Run under the launcher, 2 ranks over gloo:
+
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/save_stall.py
+
+A GPT-2 of about 42M parameters with AdamW's state (about 500 MB) is saved
+round after round by four arms, interleaved (the arm that goes first rotates)
+so that machine noise hits them alike:
+
+- ``save_state``: plain ``accelerator.save_state`` into a fresh directory (no
+  fsync, no commit): what training waits for without ckptbus.
+- ``ckptbus sync``: a ckptbus full save (staging, every file fsynced, manifest,
+  rename): training waits for all of it.
+- ``ckptbus async`` (``dynamic_checkpoint.async_save``): training waits for the
+  vote and the snapshot into host memory, then for the commit at a later step;
+  the writer runs in between while training goes on.
+
+For the ckptbus arms the figure is the time the main process (which
+snapshots, or writes, the model and optimizer, as ``save_state`` does there)
+spends in ``ckpt.step()`` over the steps of the save; the slowest rank's
+figure is recorded too (there the other rank waits in the per-step vote for
+the main process, whose training step the writer thread slows down on a
+machine with few cores), and so is ``async_extra_wall``: how much longer the
+steps of the save took than the round's steps without one.
+- ``dd``: ``dd conv=fsync`` of as many bytes as the sync checkpoint holds, into
+  the same directory (same disk): the disk's own speed for this write.
+
+Figures (medians over the rounds after the first, which allocates the async
+buffers and warms the page cache): async stall / save_state time (target
+<= 0.10), sync throughput / dd throughput (target >= 0.80). Results go to
+benchmarks/results/save_stall.json and save_stall.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from ckptbus.plugins import DynamicCheckpoint  # noqa: E402
+
+from ckptbus import CheckpointConfig, SaveCompleted, list_checkpoints  # noqa: E402
+from ckptbus._config import build  # noqa: E402
+from ckptbus._layout import withdraw  # noqa: E402
+from train import ModelConfig, TrainConfig, make_data, make_model  # noqa: E402
+
+ARMS = ("save_state", "ckptbus sync", "ckptbus async", "dd")
+
+
+def ckpt_config(output_dir: Path, async_save: bool) -> CheckpointConfig:
+    """Saves asked for through the API only; the ranks vote at every step (as with signals on)."""
+    block = {"enabled": False, "check_interval": 1, "event_log": False, "async_save": async_save}
+    return build(CheckpointConfig, {"output_dir": str(output_dir), "dynamic_checkpoint": block})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--n-layer", type=int, default=6)
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--dir", default=str(REPO / "outputs" / "bench-save-stall"), help="where the saves go")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "save_stall.json"))
+    args = parser.parse_args()
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main_process = accelerator.is_main_process
+    cfg = TrainConfig(
+        seed=0,
+        micro_batch_size=1,
+        sequence_len=16,
+        dataset_size=8,
+        model=ModelConfig(n_layer=args.n_layer, n_head=12, n_embd=args.n_embd, vocab_size=256),
+    )
+    model = make_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    batch = make_data(cfg).tensors[0][:1].to(accelerator.device)
+
+    parameters = sum(p.numel() for p in model.parameters())
+    # Held in a list the closures read, so that the end can drop the DDP model before the process group (as
+    # train.py does: a Reducer freed after it can hang gloo at exit).
+    prepared: list[Any] = [model, optimizer]
+    del model, optimizer
+
+    def train_step() -> None:
+        loss = prepared[0](input_ids=batch, labels=batch).loss
+        accelerator.backward(loss)
+        prepared[1].step()
+        prepared[1].zero_grad()
+
+    for _ in range(3):  # warm-up, and AdamW's state exists from here on
+        train_step()
+
+    root = Path(args.dir)
+    if main_process:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    ckpts = {
+        "ckptbus sync": DynamicCheckpoint(accelerator, ckpt_config(root / "sync", False)),
+        "ckptbus async": DynamicCheckpoint(accelerator, ckpt_config(root / "async", True)),
+    }
+    steps = dict.fromkeys(ckpts, 0)
+    completed: dict[str, list[SaveCompleted]] = {arm: [] for arm in ckpts}
+    for arm, ckpt in ckpts.items():
+        ckpt.bus.subscribe("save_completed", completed[arm].append)
+    stall: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    extra: dict[str, list[float]] = {
+        "sync_bytes": [],
+        "async_manifest_stall": [],
+        "async_write": [],
+        "async_extra_wall": [],
+        "ckptbus sync max over ranks": [],
+        "ckptbus async max over ranks": [],
+        "steps_in_flight": [],
+    }
+
+    def max_over_ranks(seconds: float) -> float:
+        t = torch.tensor([seconds], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+
+    def run_save_state(round_index: int) -> None:
+        target = root / f"save_state-{round_index}"
+        accelerator.wait_for_everyone()
+        start = time.perf_counter()
+        accelerator.save_state(str(target))
+        stall["save_state"].append(max_over_ranks(time.perf_counter() - start))
+        accelerator.wait_for_everyone()
+        if main_process:
+            shutil.rmtree(target)
+
+    def run_ckptbus(arm: str) -> None:
+        ckpt = ckpts[arm]
+        done = completed[arm]
+        done.clear()
+        # A baseline step time in this round, to see how much longer the steps get while a save is in flight.
+        accelerator.wait_for_everyone()
+        start = time.perf_counter()
+        for _ in range(2):
+            train_step()
+            steps[arm] += 1
+            ckpt.step(steps[arm])
+        accelerator.wait_for_everyone()
+        step_seconds = (time.perf_counter() - start) / 2
+        ckpt.request("full")
+        held = 0.0
+        in_flight = 0
+        window = time.perf_counter()
+        while not done:  # the save is decided at the first step() and, if async, committed at a later one
+            train_step()
+            steps[arm] += 1
+            start = time.perf_counter()
+            ckpt.step(steps[arm])
+            held += time.perf_counter() - start
+            in_flight += 1
+        accelerator.wait_for_everyone()
+        extra_wall = max_over_ranks(time.perf_counter() - window - in_flight * step_seconds)
+        # The main process snapshots (and, synchronously, writes) the model and optimizer; in the vote the other
+        # rank waits for it, and for its training step, slowed down by the writer thread (counted in extra_wall).
+        stall[arm].append(max_over_ranks(held if main_process else 0.0))
+        extra[f"{arm} max over ranks"].append(max_over_ranks(held))
+        event = done[0]
+        if arm == "ckptbus sync":
+            extra["sync_bytes"].append(event.bytes)
+        else:
+            extra["async_manifest_stall"].append(event.stall_seconds)
+            extra["async_write"].append(event.write_seconds)
+            extra["steps_in_flight"].append(in_flight - 1)
+            extra["async_extra_wall"].append(extra_wall)
+        accelerator.wait_for_everyone()
+        if main_process:
+            for info in list_checkpoints(ckpt.output_dir):
+                withdraw(info.path)
+
+    def run_dd(round_index: int) -> None:
+        nbytes = int(extra["sync_bytes"][-1]) if extra["sync_bytes"] else 500 * 2**20
+        accelerator.wait_for_everyone()
+        seconds = 0.0
+        if main_process:
+            target = root / f"dd-{round_index}"
+            start = time.perf_counter()
+            subprocess.run(
+                ["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={nbytes // (4 * 2**20)}", "conv=fsync"],
+                check=True,
+                capture_output=True,
+            )
+            seconds = time.perf_counter() - start
+            target.unlink()
+        stall["dd"].append(max_over_ranks(seconds))
+        extra.setdefault("dd_bytes", []).append(float(nbytes // (4 * 2**20) * 4 * 2**20))
+
+    for round_index in range(args.rounds):
+        order = ARMS[round_index % len(ARMS) :] + ARMS[: round_index % len(ARMS)]
+        if order.index("dd") < order.index("ckptbus sync") and not extra["sync_bytes"]:
+            order = (*(a for a in order if a != "dd"), "dd")  # dd needs the size of a sync checkpoint
+        for arm in order:
+            if arm == "save_state":
+                run_save_state(round_index)
+            elif arm == "dd":
+                run_dd(round_index)
+            else:
+                run_ckptbus(arm)
+
+    for ckpt in ckpts.values():
+        ckpt.close()
+    if main_process:
+        kept = slice(1, None) if args.rounds > 1 else slice(None)  # round 0 allocates the async buffers
+        med = {arm: statistics.median(v[kept]) for arm, v in stall.items()}
+        sync_rate = statistics.median(extra["sync_bytes"][kept]) / med["ckptbus sync"]
+        dd_rate = statistics.median(extra["dd_bytes"][kept]) / med["dd"]
+        result: dict[str, Any] = {
+            "command": "accelerate launch --multi_gpu --num_processes 2 benchmarks/save_stall.py",
+            "device": str(accelerator.device),
+            "world_size": accelerator.num_processes,
+            "parameters": parameters,
+            "checkpoint_bytes": statistics.median(extra["sync_bytes"]),
+            "rounds": args.rounds,
+            "median_seconds_after_round_0": med,
+            "async_stall_over_save_state": med["ckptbus async"] / med["save_state"],
+            "async_stall_target": 0.10,
+            "sync_mb_per_s": sync_rate / 1e6,
+            "dd_mb_per_s": dd_rate / 1e6,
+            "sync_throughput_over_dd": sync_rate / dd_rate,
+            "sync_throughput_target": 0.80,
+            "first_async_stall_seconds": stall["ckptbus async"][0],
+            "samples_seconds": stall,
+            "async_stall_max_over_ranks_over_save_state": statistics.median(extra["ckptbus async max over ranks"][kept])
+            / med["save_state"],
+            "held_max_over_ranks": {k: extra[f"{k} max over ranks"] for k in ("ckptbus sync", "ckptbus async")},
+            "async_manifest_stall_over_save_state": statistics.median(extra["async_manifest_stall"][kept])
+            / med["save_state"],
+            "async_extra_wall_over_save_state": statistics.median(extra["async_extra_wall"][kept]) / med["save_state"],
+            "async": {
+                k: extra[k] for k in ("async_manifest_stall", "async_write", "steps_in_flight", "async_extra_wall")
+            },
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        plot(result, Path(args.out).with_suffix(".png"))
+        keys = (
+            "median_seconds_after_round_0",
+            "async_stall_over_save_state",
+            "async_stall_max_over_ranks_over_save_state",
+            "async_manifest_stall_over_save_state",
+            "async_extra_wall_over_save_state",
+            "sync_throughput_over_dd",
+        )
+        print(json.dumps({k: result[k] for k in keys}, indent=2))
+        shutil.rmtree(root, ignore_errors=True)
+    prepared.clear()
+    accelerator.free_memory()
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.5))
+    arms = list(result["samples_seconds"])
+    ax.boxplot([result["samples_seconds"][a][1:] or result["samples_seconds"][a] for a in arms], tick_labels=arms)
+    ax.set_ylabel("seconds training is held (dd: write time)")
+    ax.set_title(
+        f"full save of {result['parameters'] / 1e6:.0f}M params ({result['checkpoint_bytes'] / 1e6:.0f} MB), 2 ranks\n"
+        f"async stall / save_state: {result['async_stall_over_save_state']:.3f} (target <= 0.10); "
+        f"sync / dd: {result['sync_throughput_over_dd']:.2f} (target >= 0.80)",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
