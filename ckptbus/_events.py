@@ -108,6 +108,19 @@ class SaveFailed:
     exit_after: bool
     error: str
 
+    @classmethod
+    def unserved(cls, request: SaveRequested, step: int, error: str) -> SaveFailed:
+        """The answer to a request that will never be served (training ended first)."""
+        return cls(
+            step=step,
+            kind=request.kind,
+            reasons=(request.reason,),
+            request_ids=(request.request_id,),
+            labels=(request.label,) if request.label else (),
+            exit_after=request.exit_after,
+            error=error,
+        )
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ReceiverFailed:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from typing import Protocol, runtime_checkable
+
+logger = logging.getLogger("ckptbus")
 
 
 @runtime_checkable
@@ -21,3 +25,12 @@ class TriggerSource(Protocol):
     def poll(self, step: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+def close_all(sources: Iterable[TriggerSource]) -> None:
+    """Close ``sources`` in reverse order; one that raises is logged and does not keep the others open."""
+    for source in reversed(list(sources)):
+        try:
+            source.close()
+        except Exception:
+            logger.exception("ckptbus: closing %r failed", source)

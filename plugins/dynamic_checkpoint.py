@@ -36,7 +36,7 @@ from ckptbus import (
 from ckptbus._coordinator import Coordinator, Decision
 from ckptbus._eventlog import EVENT_LOG_NAME
 from ckptbus._layout import CheckpointInfo, clean_leftovers, latest_full, read_checkpoint
-from ckptbus._source import TriggerSource
+from ckptbus._source import TriggerSource, close_all
 
 from .accelerate_sink import AccelerateSink, TorchExchange, check_world
 from .file_trigger import FileTrigger
@@ -396,21 +396,7 @@ class DynamicCheckpoint:
                 )
             )
         for request in self._coordinator.drain():
-            self.bus.publish(
-                SaveFailed(
-                    step=self._last_step,
-                    kind=request.kind,
-                    reasons=(request.reason,),
-                    request_ids=(request.request_id,),
-                    labels=(request.label,) if request.label else (),
-                    exit_after=request.exit_after,
-                    error=f"{why} before the request could be served",
-                )
-            )
-        for source in reversed(self._sources):
-            try:
-                source.close()
-            except Exception:
-                logger.exception("ckptbus: closing %r failed", source)
+            self.bus.publish(SaveFailed.unserved(request, self._last_step, f"{why} before the request could be served"))
+        close_all(self._sources)
         if self._event_log is not None:
             self._event_log.detach()

@@ -78,7 +78,7 @@ from ckptbus._layout import (
     read_checkpoint,
     rotate,
 )
-from ckptbus._source import TriggerSource
+from ckptbus._source import TriggerSource, close_all
 
 from .file_trigger import FileTrigger
 from .signals import SignalTrigger
@@ -529,22 +529,8 @@ class DynamicCheckpointCallback(TrainerCallback):
         self._running = False
         self._fail_unsaved(self._last_step + 1, f"{why} before the Trainer saved")
         for request in self._coordinator.drain():
-            self.bus.publish(
-                SaveFailed(
-                    step=self._last_step,
-                    kind=request.kind,
-                    reasons=(request.reason,),
-                    request_ids=(request.request_id,),
-                    labels=(request.label,) if request.label else (),
-                    exit_after=request.exit_after,
-                    error=f"{why} before the request could be served",
-                )
-            )
-        for source in reversed(self._sources):
-            try:
-                source.close()
-            except Exception:
-                logger.exception("ckptbus: closing %r failed", source)
+            self.bus.publish(SaveFailed.unserved(request, self._last_step, f"{why} before the request could be served"))
+        close_all(self._sources)
         self._sources = []
         if self._event_log is not None:
             self._event_log.detach()
