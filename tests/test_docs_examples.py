@@ -15,7 +15,8 @@ KIND is one of
   without a step limit; it is killed when the page is done);
 - ``file``: the block is written to the file ``name=...`` for the blocks
   after it (a config, say);
-- ``config``: the block is a ``train.py`` config file; it must load.
+- ``config``: the block is a ``train.py`` config file, or a fragment of one
+  (without ``output_dir``, which is then added); it must load.
 
 Options: ``run=stop`` (an ``sh`` block that runs after the training job was
 stopped, e.g. a resume), ``expect=PATH`` (a glob that must match a file once the block ran;
@@ -157,7 +158,11 @@ class Page:
             return ""
         if block.kind == "config":
             path = self.workdir / f"config-{block.line}.yaml"
-            path.write_text(block.code, encoding="utf-8")
+            # A fragment (a block of keys without output_dir) is checked inside a minimal config.
+            code = (
+                block.code if re.search(r"^output_dir:", block.code, re.MULTILINE) else "output_dir: out\n" + block.code
+            )
+            path.write_text(code, encoding="utf-8")
             cmd = [sys.executable, "-c", "import sys, train; train.load(train.parse_args(['--config', sys.argv[1]]))"]
             cmd.append(str(path))
             self.env["PYTHONPATH"] = str(REPO)
