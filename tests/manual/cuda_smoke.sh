@@ -6,12 +6,14 @@
 set -euo pipefail
 PY=${PY:-python3}
 OUT=$(mktemp -d)/run
+ASYNC=${ASYNC:-false}
 cat > /tmp/cuda_smoke.yaml <<YAML
 output_dir: $OUT
 max_steps: 60
 save_steps: 25
-dynamic_checkpoint: {enabled: true, check_interval: 5}
+dynamic_checkpoint: {enabled: true, check_interval: 5, async_save: $ASYNC}
 YAML
+echo "async_save: $ASYNC"
 $PY - <<'PYCODE'
 import torch; print("cuda available:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 PYCODE
@@ -23,6 +25,13 @@ $PY train.py --config /tmp/cuda_smoke.yaml 2>&1 | grep -E "ckptbus|ended|Error|e
 ls "$OUT"
 $PY train.py --config /tmp/cuda_smoke.yaml --max-steps 70 --resume-from-checkpoint latest 2>&1 | grep -E "resumed|ended|Error" || true
 head -1 <(tail -n 10 "$OUT/metrics.jsonl")
+$PY - "$OUT" <<'PYCODE'
+import sys
+from ckptbus import list_checkpoints
+for c in list_checkpoints(sys.argv[1]):
+    m = c.manifest
+    print("checkpoint", c.step, m.kind, m.reason, "stall", m.stall_seconds, "write", m.write_seconds)
+PYCODE
 $PY - "$OUT" <<'PYCODE'
 import sys, torch
 from accelerate import Accelerator
