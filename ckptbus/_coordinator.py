@@ -43,6 +43,14 @@ def signal_number(reason: str) -> int:
         return 0
 
 
+def exit_status(stopped: bool, signum: int, save_failed: bool) -> int:
+    """What a training script exits with: ``128 + signal number`` after a stop a signal asked for,
+    1 after a stop because a save failed (``on_save_failure: stop``), else 0."""
+    if stopped and signum:
+        return 128 + signum
+    return 1 if save_failed else 0
+
+
 def reason_slot(reason: str) -> int:
     """Vote slot of ``reason``; reasons outside :data:`KNOWN_REASONS` travel as ``other``."""
     base = reason.split(":", 1)[0]

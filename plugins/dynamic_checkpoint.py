@@ -33,7 +33,7 @@ from ckptbus import (
     SaveKind,
     SaveRequested,
 )
-from ckptbus._coordinator import Coordinator, Decision
+from ckptbus._coordinator import Coordinator, Decision, exit_status
 from ckptbus._eventlog import EVENT_LOG_NAME
 from ckptbus._layout import CheckpointInfo, clean_leftovers, latest_full, read_checkpoint
 from ckptbus._source import TriggerSource, close_all
@@ -200,9 +200,7 @@ class DynamicCheckpoint:
     def exit_code(self) -> int:
         """The exit status a script should end with: ``128 + signal number`` after a stop asked by a signal,
         1 after a stop because a save failed (``on_save_failure: stop``), else 0."""
-        if self._stop and self._stop_signum:
-            return 128 + self._stop_signum
-        return 1 if self._failed_save is not None else 0
+        return exit_status(self._stop, self._stop_signum, self._failed_save is not None)
 
     @property
     def failed_save(self) -> SaveFailed | None:

@@ -67,7 +67,7 @@ from ckptbus import (
     SetupError,
 )
 from ckptbus._config import build, read_yaml
-from ckptbus._coordinator import Coordinator, Decision
+from ckptbus._coordinator import Coordinator, Decision, exit_status
 from ckptbus._eventlog import EVENT_LOG_NAME
 from ckptbus._layout import (
     MANIFEST_NAME,
@@ -202,9 +202,7 @@ class DynamicCheckpointCallback(TrainerCallback):
     def exit_code(self) -> int:
         """``128 + signal number`` after a stop asked for by a signal, 1 after a stop because a save failed
         (``on_save_failure: stop``), else 0. End the script with it: ``sys.exit(callback.exit_code)``."""
-        if self._stop and self._stop_signum:
-            return 128 + self._stop_signum
-        return 1 if self._failed_save is not None else 0
+        return exit_status(self._stop, self._stop_signum, self._failed_save is not None)
 
     @property
     def should_stop(self) -> bool:

@@ -48,6 +48,15 @@ class CommandError(Exception):
         self.message = message
 
 
+def command_parser(subparsers: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
+    """The parser of ``ckptbus <name>``: a subcommand of ``subparsers``, or on its own when that is None."""
+    kwargs: dict[str, Any] = {"description": description, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    if subparsers is None:
+        return argparse.ArgumentParser(f"ckptbus {name}", **kwargs)
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=summary, **kwargs)
+    return parser
+
+
 def add_target_arguments(parser: argparse.ArgumentParser, *, socket: bool = True) -> None:
     """``--output-dir`` / ``--config`` (and ``--socket``): which run a command talks to."""
     group = parser.add_argument_group("which run")

@@ -13,6 +13,7 @@ from ._common import (
     CommandError,
     add_json_argument,
     add_target_arguments,
+    command_parser,
     emit_json,
     fail,
     output_dir_of,
@@ -29,13 +30,7 @@ the ROTATION column shows '-'. Incomplete directories are not listed."""
 
 
 def list_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
-    kwargs: dict[str, Any] = {"description": DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter}
-    if subparsers is not None:
-        parser: argparse.ArgumentParser = subparsers.add_parser(
-            "list", help="list complete checkpoints on disk", **kwargs
-        )
-    else:
-        parser = argparse.ArgumentParser("ckptbus list", **kwargs)
+    parser = command_parser(subparsers, "list", "list complete checkpoints on disk", DESCRIPTION)
     add_target_arguments(parser, socket=False)
     parser.add_argument(
         "--save-total-limit", type=int, metavar="N", help="the run's save_total_limit (overrides --config)"

@@ -19,6 +19,7 @@ from ._common import (
     CommandError,
     add_json_argument,
     add_target_arguments,
+    command_parser,
     emit_json,
     fail,
     socket_of,
@@ -32,13 +33,7 @@ Requests that arrive while one is pending share its save."""
 
 
 def request_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
-    kwargs: dict[str, Any] = {"description": DESCRIPTION, "formatter_class": argparse.RawDescriptionHelpFormatter}
-    if subparsers is not None:
-        parser: argparse.ArgumentParser = subparsers.add_parser(
-            "request", help="ask the run for a checkpoint", **kwargs
-        )
-    else:
-        parser = argparse.ArgumentParser("ckptbus request", **kwargs)
+    parser = command_parser(subparsers, "request", "ask the run for a checkpoint", DESCRIPTION)
     add_target_arguments(parser)
     parser.add_argument(
         "--kind",

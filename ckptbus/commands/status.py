@@ -17,6 +17,7 @@ from ._common import (
     CommandError,
     add_json_argument,
     add_target_arguments,
+    command_parser,
     emit_json,
     fail,
     socket_of,
@@ -25,10 +26,7 @@ from ._common import (
 
 def status_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     description = "Ask the running job where it is: step, last checkpoint, pending requests."
-    if subparsers is not None:
-        parser: argparse.ArgumentParser = subparsers.add_parser("status", help=description, description=description)
-    else:
-        parser = argparse.ArgumentParser("ckptbus status", description=description)
+    parser = command_parser(subparsers, "status", description, description)
     add_target_arguments(parser)
     parser.add_argument(
         "--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long (default 10)"
