@@ -194,7 +194,10 @@ def test_trainer_file_socket_ctrl_c_then_resume(trainer_run: Callable[..., Train
     assert "model.safetensors" in names and "config.json" in names
     assert not names & {"optimizer.pt", "rng_state_0.pth"}, names
     log = run.log()
-    assert log.count("SIGINT received") == 2, run.log_tail()
+    # Both ranks got the press, but a rank whose signal lands after the step's vote already decided the stop
+    # never polls again: one or two "received" lines, never more (the forwarded copy is the same press).
+    assert 1 <= log.count("SIGINT received") <= 2, run.log_tail()
+    assert "KeyboardInterrupt" not in log, run.log_tail()
     completed = [e for e in read_jsonl(out / "ckptbus-events.jsonl") if e["event"] == "SaveCompleted"]
     assert [(e["step"], e["reasons"]) for e in completed] == [
         (by_file.step, ["file"]),
