@@ -17,12 +17,24 @@ import queue
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 from ._events import SaveKind, SaveRequested
 
 Exchange = Callable[[Sequence[int]], list[int]]
 """Element-wise maximum of an int vector over all ranks (identity with one rank)."""
+
+
+class PendingVote(Protocol):
+    """A vote exchange that was started and runs while training goes on."""
+
+    def wait(self) -> list[int]:
+        """The element-wise maximum over all ranks (blocks until every rank's vote arrived)."""
+        ...
+
+
+StartExchange = Callable[[Sequence[int]], PendingVote]
+"""Starts the same exchange as :data:`Exchange` without waiting for it."""
 
 KNOWN_REASONS: Final = ("schedule", "file", "signal", "socket", "api", "other")
 
@@ -117,9 +129,27 @@ class Coordinator:
     ``every_step``: exchange at every step instead (sources that must be
     honoured within one step, such as Ctrl+C, turn this on).
     ``save_steps``: a full save is scheduled at steps divisible by it.
+    ``start_exchange``: with ``every_step``, the votes of steps that are
+    neither a ``check_interval`` multiple nor scheduled are *pipelined*: the
+    exchange is started at step N and read at step N+1, so it runs while step
+    N+1 computes instead of holding every rank at each step (a blocking
+    collective on every step cost 2-3 ms a step on 2 CPU cores). A request
+    voted that way is saved at step N+1; at ``check_interval`` multiples and
+    scheduled steps the vote blocks as without pipelining, so file-triggered
+    and scheduled saves land exactly on those steps.
     """
 
-    __slots__ = ("_exchange", "_held", "_queue", "check_interval", "every_step", "save_steps")
+    __slots__ = (
+        "_carried",
+        "_exchange",
+        "_held",
+        "_in_flight",
+        "_queue",
+        "check_interval",
+        "every_step",
+        "save_steps",
+        "start_exchange",
+    )
 
     def __init__(
         self,
@@ -128,16 +158,30 @@ class Coordinator:
         check_interval: int,
         save_steps: int | None = None,
         every_step: bool = False,
+        start_exchange: StartExchange | None = None,
     ) -> None:
         if check_interval < 1:
             raise ValueError(f"check_interval must be >= 1, got {check_interval}")
         self._exchange = exchange
+        self.start_exchange = start_exchange
         # SimpleQueue.put is reentrant: safe from signal handlers and threads.
         self._queue: queue.SimpleQueue[SaveRequested] = queue.SimpleQueue()
-        self._held: list[SaveRequested] = []
+        self._held: list[SaveRequested] = []  # off the queue, in no vote yet
+        self._carried: list[SaveRequested] = []  # in the vote that is in flight
+        self._in_flight: PendingVote | None = None
         self.check_interval = check_interval
         self.every_step = every_step
         self.save_steps = save_steps
+
+    @property
+    def pipelined(self) -> bool:
+        """Whether the votes of ordinary steps are read one step after they were started."""
+        return self.every_step and self.start_exchange is not None
+
+    @property
+    def vote_in_flight(self) -> bool:
+        """Whether a started vote waits to be read by the next :meth:`decide`."""
+        return self._in_flight is not None
 
     def enqueue(self, request: SaveRequested) -> None:
         """Record a request; it is voted on at the next due step. Safe from any thread."""
@@ -149,11 +193,11 @@ class Coordinator:
             try:
                 self._held.append(self._queue.get_nowait())
             except queue.Empty:
-                return list(self._held)
+                return self._carried + self._held
 
     def pending_count(self) -> int:
-        """How many requests wait for a vote (approximate from other threads; exact on the training thread)."""
-        return len(self._held) + self._queue.qsize()
+        """How many requests wait for a decision (approximate from other threads; exact on the training thread)."""
+        return len(self._carried) + len(self._held) + self._queue.qsize()
 
     def is_scheduled(self, step: int) -> bool:
         return self.save_steps is not None and step > 0 and step % self.save_steps == 0
@@ -162,27 +206,56 @@ class Coordinator:
         """Whether ranks exchange votes at ``step``. The same answer on every rank."""
         return self.every_step or step % self.check_interval == 0 or self.is_scheduled(step)
 
+    def blocks_at(self, step: int) -> bool:
+        """Whether :meth:`decide` waits at ``step`` for a vote started at that very step."""
+        if self.pipelined:
+            return step % self.check_interval == 0 or self.is_scheduled(step)
+        return self.is_due(step)
+
     def decide(self, step: int, *, force: bool = False, scheduled: bool = True) -> Decision | None:
         """At a due step (or when ``force``d, e.g. at the end), exchange votes; return the decision.
 
         Must be called by every rank at the same step with the same ``force``.
         ``scheduled=False`` leaves the ``save_steps`` schedule out (at close,
         the last step's scheduled save already happened in :meth:`decide`).
-        On a collective error the local requests stay pending and the error
-        propagates.
+        A vote in flight (see ``start_exchange``) is read first and merged
+        with this step's; a new one is started only when nothing was decided
+        and nothing is ``force``d, so none is left running past a save or
+        the end. On a collective error the local requests stay pending and
+        the error propagates.
         """
-        if not (force or self.is_due(step)):
+        blocking = force or self.blocks_at(step)
+        if not (blocking or self.pipelined or self._in_flight is not None):
             return None
-        requests = self.pending()
-        vote = self._exchange(encode_vote(requests, scheduled and self.is_scheduled(step)))
-        decision = decode_vote(step, vote, requests)
-        if decision is not None:
-            # Requests are consumed only once every rank agreed.
-            self._held = []
+        self.pending()  # off the thread-safe queue
+        votes: list[list[int]] = []
+        voted: list[SaveRequested] = []
+        try:
+            if self._in_flight is not None:
+                in_flight, self._in_flight = self._in_flight, None
+                voted, self._carried = self._carried, []
+                votes.append(in_flight.wait())
+            if blocking:
+                fresh, self._held = self._held, []
+                voted += fresh
+                votes.append(self._exchange(encode_vote(fresh, scheduled and self.is_scheduled(step))))
+        except BaseException:
+            self._held[:0] = voted  # requests are consumed only once every rank agreed
+            raise
+        decision = decode_vote(step, [max(slot) for slot in zip(*votes, strict=True)], voted) if votes else None
+        if decision is None:
+            self._held[:0] = voted  # (empty: a request always makes its vote count)
+            if self.pipelined and not force:
+                self._start(self._held)
         return decision
 
+    def _start(self, requests: list[SaveRequested]) -> None:
+        assert self.start_exchange is not None
+        self._in_flight = self.start_exchange(encode_vote(requests, scheduled=False))
+        self._carried, self._held = requests, []
+
     def drain(self) -> list[SaveRequested]:
-        """Remove and return every pending request (used at close, to answer them)."""
+        """Remove and return every pending request (used at close, to answer them). A vote in flight is dropped."""
         requests = self.pending()
-        self._held = []
+        self._held, self._carried, self._in_flight = [], [], None
         return requests

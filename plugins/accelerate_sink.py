@@ -63,12 +63,40 @@ class TorchExchange:
         if self.world_size > 1 and dist.get_backend() == "nccl":
             self.device = accelerator.device
 
+    @classmethod
+    def of(cls, world_size: int, device: torch.device) -> TorchExchange:
+        """The exchange of a run with ``world_size`` ranks whose tensors for collectives live on ``device``."""
+        exchange = cls.__new__(cls)
+        exchange.world_size = world_size
+        exchange.device = device
+        return exchange
+
     def __call__(self, vote: Sequence[int]) -> list[int]:
+        return self.start(vote).wait()
+
+    def start(self, vote: Sequence[int]) -> _StartedVote:
+        """Start the exchange without waiting for it (``async_op``); ``wait()`` on the result reads it."""
         if self.world_size == 1:
-            return list(vote)
+            return _StartedVote(None, list(vote))
         tensor = torch.tensor(list(vote), dtype=torch.int64, device=self.device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return [int(x) for x in tensor.tolist()]
+        return _StartedVote(dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True), tensor)
+
+
+class _StartedVote:
+    """An all_reduce in flight (or, with one process, the vote itself)."""
+
+    __slots__ = ("_result", "_work")
+
+    def __init__(self, work: Any, result: torch.Tensor | list[int]) -> None:
+        self._work = work
+        self._result = result
+
+    def wait(self) -> list[int]:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        result = self._result
+        return [int(x) for x in (result.tolist() if isinstance(result, torch.Tensor) else result)]
 
 
 def check_world(accelerator: Accelerator) -> None:

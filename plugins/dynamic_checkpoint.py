@@ -100,12 +100,14 @@ class DynamicCheckpoint:
                 self.bus, dyn.signals.actions(), debounce_seconds=dyn.signals.debounce_seconds
             )
         exchange = TorchExchange(accelerator)
-        # A signal must be honoured within one step on every rank: vote at every step (one small all_reduce).
+        # A signal must be honoured on every rank within a step: the ranks vote at every step (one small all_reduce).
         self._coordinator = Coordinator(
             exchange,
             check_interval=dyn.check_interval,
             save_steps=config.save_steps,
             every_step=self._signals is not None,
+            # Pipelined: a vote started at one step is read at the next, while it computes (Coordinator docs).
+            start_exchange=exchange.start if exchange.world_size > 1 else None,
         )
         self.bus.subscribe("save_requested", self._coordinator.enqueue)
         self._exchange = exchange
@@ -232,8 +234,10 @@ class DynamicCheckpoint:
     def request(self, kind: SaveKind = "full", *, label: str | None = None, exit_after: bool = False) -> str:
         """Ask for a checkpoint from any thread; returns the request id.
 
-        It is saved at the next step where ranks vote (within
-        ``check_interval`` steps); watch ``bus.save_completed`` for the result.
+        It is saved at the next step where ranks vote: within ``check_interval``
+        steps, or while signals are handled at this step or the next (the
+        vote is pipelined with several ranks); watch ``bus.save_completed``
+        for the result.
         """
         request = SaveRequested(kind=kind, reason="api", label=label, exit_after=exit_after)
         self.bus.publish(request)

@@ -80,6 +80,7 @@ from ckptbus._layout import (
 )
 from ckptbus._source import TriggerSource, close_all
 
+from .accelerate_sink import TorchExchange
 from .file_trigger import FileTrigger
 from .signals import SignalTrigger
 from .unix_socket import UnixSocketTrigger
@@ -349,6 +350,9 @@ class DynamicCheckpointCallback(TrainerCallback):
                 )
             if dist.get_backend() == "nccl":
                 self._device = args.device
+        # Pipelined votes, as in DynamicCheckpoint (the world size is known only now).
+        votes = TorchExchange.of(self._world_size, self._device)
+        self._coordinator.start_exchange = votes.start if self._world_size > 1 else None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         main = self._rank == 0
         dyn = self.config.dynamic_checkpoint
@@ -492,11 +496,7 @@ class DynamicCheckpointCallback(TrainerCallback):
 
     def _exchange(self, vote: Sequence[int]) -> list[int]:
         """Element-wise maximum over all ranks (the coordinator's collective)."""
-        if self._world_size == 1:
-            return list(vote)
-        tensor = torch.tensor(list(vote), dtype=torch.int64, device=self._device)
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return [int(x) for x in tensor.tolist()]
+        return TorchExchange.of(self._world_size, self._device)(vote)
 
     def _common(self, decision: Decision, kind: SaveKind) -> dict[str, Any]:
         return {

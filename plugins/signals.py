@@ -173,11 +173,12 @@ class SignalTrigger:
             )
             self._waiting[request.request_id] = (name, at)
             logger.warning(
-                "ckptbus: %s received (pid %d); every rank saves a %s checkpoint at step %d%s",
+                "ckptbus: %s received (pid %d); every rank saves a %s checkpoint at step %d or %d%s",
                 name,
                 os.getpid(),
                 plan.kind,
                 step,
+                step + 1,  # step + 1 where the vote of this step is read at the next one (Coordinator docs)
                 " and stops" if plan.exit_after else " and training goes on",
             )
             self.bus.publish(request)

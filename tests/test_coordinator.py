@@ -300,6 +300,137 @@ def test_enqueue_from_many_threads_loses_nothing() -> None:
     assert served == 4 * per_thread
 
 
+# -- pipelined votes --------------------------------------------------------------------------
+
+
+class StartedLater:
+    """A started exchange of one process: its result is read by ``wait`` (a raising one stands in for a failure)."""
+
+    def __init__(self, vote: Sequence[int], error: Exception | None = None) -> None:
+        self.vote = list(vote)
+        self.error = error
+
+    def wait(self) -> list[int]:
+        if self.error is not None:
+            raise self.error
+        return self.vote
+
+
+class OneProcessStart:
+    """``start_exchange`` of one process; records every started vote. ``fail_next`` makes the next wait raise."""
+
+    def __init__(self) -> None:
+        self.started: list[list[int]] = []
+        self.fail_next = False
+
+    def __call__(self, vote: Sequence[int]) -> StartedLater:
+        self.started.append(list(vote))
+        error = RuntimeError("Connection closed by peer") if self.fail_next else None
+        self.fail_next = False
+        return StartedLater(vote, error)
+
+
+def pipelined(
+    check_interval: int = 5, save_steps: int | None = None
+) -> tuple[Coordinator, OneProcessExchange, OneProcessStart]:
+    exchange, start = OneProcessExchange(), OneProcessStart()
+    coordinator = Coordinator(
+        exchange, check_interval=check_interval, save_steps=save_steps, every_step=True, start_exchange=start
+    )
+    return coordinator, exchange, start
+
+
+def test_a_pipelined_vote_is_read_one_step_later() -> None:
+    coordinator, exchange, start = pipelined()
+    assert coordinator.pipelined
+    request = SaveRequested(kind="weights", reason="signal:SIGINT", exit_after=True)
+    coordinator.enqueue(request)
+    assert coordinator.decide(1) is None
+    assert coordinator.vote_in_flight and exchange.calls == [], "an ordinary step never blocks on a vote"
+    assert coordinator.pending() == [request] and coordinator.pending_count() == 1, "in flight is still pending"
+    decision = coordinator.decide(2)
+    assert decision == Decision(2, "weights", True, ("signal",), (request,), int(signal.SIGINT))
+    assert not coordinator.vote_in_flight, "no vote is started after a decision (the save or the stop comes first)"
+    assert coordinator.pending() == []
+    assert len(start.started) == 1 and exchange.calls == []
+
+
+def test_requests_arriving_while_a_vote_is_in_flight_go_into_the_next_one() -> None:
+    coordinator, _, start = pipelined()
+    assert coordinator.decide(1) is None  # an empty vote in flight
+    late = SaveRequested(reason="socket")
+    coordinator.enqueue(late)
+    assert coordinator.decide(2) is None, "the vote read at step 2 was started before the request came"
+    assert start.started[1][reason_slot("socket")] == 1
+    decision = coordinator.decide(3)
+    assert decision is not None and decision.step == 3 and decision.requests == (late,)
+
+
+def test_check_interval_multiples_and_scheduled_steps_block_and_merge_the_vote_in_flight() -> None:
+    coordinator, exchange, _ = pipelined(check_interval=5, save_steps=7)
+    assert [s for s in range(1, 16) if coordinator.blocks_at(s)] == [5, 7, 10, 14, 15]
+    signal_request, file_request = SaveRequested(reason="signal:SIGTERM", exit_after=True), SaveRequested(reason="file")
+    coordinator.enqueue(signal_request)
+    assert coordinator.decide(4) is None
+    coordinator.enqueue(file_request)  # the file trigger polls at step 5
+    decision = coordinator.decide(5)
+    # One save at step 5 for both: the vote started at 4 and the blocking one of step 5.
+    assert decision == Decision(
+        5, "full", True, ("file", "signal"), (signal_request, file_request), int(signal.SIGTERM)
+    )
+    assert len(exchange.calls) == 1
+    assert coordinator.decide(6) is None
+    assert coordinator.decide(7) == Decision(7, "full", False, ("schedule",), (), 0), "the schedule is never late"
+
+
+def test_force_reads_the_vote_in_flight_and_leaves_none_running() -> None:
+    coordinator, _, _ = pipelined()
+    request = SaveRequested(reason="api")
+    coordinator.enqueue(request)
+    assert coordinator.decide(3) is None
+    decision = coordinator.decide(3, force=True, scheduled=False)
+    assert decision is not None and decision.requests == (request,)
+    assert not coordinator.vote_in_flight
+    assert coordinator.decide(3, force=True, scheduled=False) is None
+    assert not coordinator.vote_in_flight
+
+
+def test_a_vote_in_flight_that_fails_keeps_its_requests() -> None:
+    coordinator, _, start = pipelined()
+    request = SaveRequested(reason="api", label="keep me")
+    coordinator.enqueue(request)
+    start.fail_next = True
+    assert coordinator.decide(1) is None
+    later = SaveRequested(reason="file")
+    coordinator.enqueue(later)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        coordinator.decide(2)
+    assert coordinator.pending() == [request, later] and not coordinator.vote_in_flight
+    assert coordinator.decide(3) is None
+    decision = coordinator.decide(4)
+    assert decision is not None and decision.requests == (request, later)
+
+
+def test_drain_answers_the_requests_of_a_vote_in_flight() -> None:
+    coordinator, _, _ = pipelined()
+    requests = [SaveRequested(reason="socket"), SaveRequested(reason="api")]
+    coordinator.enqueue(requests[0])
+    assert coordinator.decide(1) is None
+    coordinator.enqueue(requests[1])
+    assert coordinator.drain() == requests
+    assert not coordinator.vote_in_flight and coordinator.pending_count() == 0
+
+
+def test_without_every_step_start_exchange_changes_nothing() -> None:
+    exchange, start = OneProcessExchange(), OneProcessStart()
+    coordinator = Coordinator(exchange, check_interval=5, start_exchange=start)
+    assert not coordinator.pipelined
+    coordinator.enqueue(SaveRequested(reason="file"))
+    assert [coordinator.decide(s) for s in range(1, 5)] == [None] * 4
+    assert coordinator.decide(5) is not None
+    assert start.started == [] and len(exchange.calls) == 1
+
+
 # -- two real ranks over gloo --------------------------------------------------------------
 
 
@@ -359,6 +490,22 @@ def test_two_ranks_agree_over_gloo_and_a_failed_exchange_keeps_the_request(tmp_p
             "requests": [["r0-file"], []][rank],
         }
         assert result["step20"]["reason"] == "schedule"
+        # Pipelined: a signal on rank 1 only, voted at step 21 without blocking, is one save at step 22 on both.
+        assert result["piped21"] is None and result["piped21_in_flight"]
+        assert result["piped22"] == {
+            "step": 22,
+            "kind": "weights",
+            "exit_after": True,
+            "reason": "signal:SIGINT",
+            "signum": int(signal.SIGINT),
+            "requests": [[], ["r1-int"]][rank],
+        }
+        assert not result["piped22_in_flight"], "no vote is left running past a decision"
+        assert result["piped23"] is None
+        assert result["piped24"] is None
+        assert result["piped25"]["reason"] == "socket"
+        assert result["piped25"]["requests"] == [["r0-socket"], []][rank]
+        assert result["piped_close"] is None and not result["piped_close_in_flight"]
     assert "step25" not in results[0], "the peer left: the exchange must fail, not decide"
     assert results[0]["step25_error"].startswith("RuntimeError: ")
     assert results[0]["pending_after_failure"] == ["r0-api"]

@@ -61,6 +61,23 @@ def main() -> None:
     # Step 20 is scheduled: both ranks vote for it with nothing pending.
     result["step20"] = describe(coordinator.decide(20))
 
+    # Pipelined votes (what a run with signals does): started at one step, read at the next.
+    exchange = TorchExchange(accelerator)
+    piped = Coordinator(exchange, check_interval=5, save_steps=20, every_step=True, start_exchange=exchange.start)
+    if rank == 1:
+        piped.enqueue(SaveRequested(kind="weights", reason="signal:SIGINT", exit_after=True, request_id="r1-int"))
+    result["piped21"] = describe(piped.decide(21))  # started, not read
+    result["piped21_in_flight"] = piped.vote_in_flight
+    result["piped22"] = describe(piped.decide(22))  # rank 1's request, decided on both ranks one step later
+    result["piped22_in_flight"] = piped.vote_in_flight
+    result["piped23"] = describe(piped.decide(23))
+    if rank == 0:
+        piped.enqueue(SaveRequested(reason="socket", request_id="r0-socket"))
+    result["piped24"] = describe(piped.decide(24))  # the vote of step 23 read, this one started
+    result["piped25"] = describe(piped.decide(25))  # a check_interval multiple: read step 24's and vote now
+    result["piped_close"] = describe(piped.decide(25, force=True))
+    result["piped_close_in_flight"] = piped.vote_in_flight
+
     if rank == 1:
         with open(result_path, "w", encoding="utf-8") as fh:
             json.dump(result, fh)
