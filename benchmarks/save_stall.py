@@ -13,8 +13,11 @@ so that machine noise hits them alike:
 - ``ckptbus sync``: a ckptbus full save (staging, every file fsynced, manifest,
   rename): training waits for all of it.
 - ``ckptbus async`` (``dynamic_checkpoint.async_save``): training waits for the
-  vote and the snapshot into host memory, then for the commit at a later step;
-  the writer runs in between while training goes on.
+  vote and the copy of the small state (RNG, buffers, scheduler) at the agreed
+  step; the writer thread copies the parameters and optimizer state while the
+  next step's forward and backward run (``optimizer.step()`` waits for those
+  copies if they are not done: that wait is counted), then writes; training
+  waits again for the commit at a later step.
 
 For the ckptbus arms the figure is the time the main process (which
 snapshots, or writes, the model and optimizer, as ``save_state`` does there)
@@ -129,6 +132,8 @@ def main() -> None:
     }
 
     def max_over_ranks(seconds: float) -> float:
+        if accelerator.num_processes == 1:
+            return seconds
         t = torch.tensor([seconds], dtype=torch.float64)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t.item())
@@ -160,6 +165,7 @@ def main() -> None:
         held = 0.0
         in_flight = 0
         window = time.perf_counter()
+        waited_before = ckpt._sink.copy_wait_seconds
         while not done:  # the save is decided at the first step() and, if async, committed at a later one
             train_step()
             steps[arm] += 1
@@ -167,6 +173,9 @@ def main() -> None:
             ckpt.step(steps[arm])
             held += time.perf_counter() - start
             in_flight += 1
+        # An async save copies the parameters and optimizer state while the next step computes; optimizer.step()
+        # waits if the copies are not done by then. That wait holds training too.
+        held += ckpt._sink.copy_wait_seconds - waited_before
         accelerator.wait_for_everyone()
         extra_wall = max_over_ranks(time.perf_counter() - window - in_flight * step_seconds)
         # The main process snapshots (and, synchronously, writes) the model and optimizer; in the vote the other

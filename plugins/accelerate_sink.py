@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,19 @@ class _InFlight:
     save: _Save
     job: WriteJob
     stall: float
+    hooks: list[Any] = field(default_factory=list)
+    """Step pre-hooks that hold ``optimizer.step()`` until the deferred copies are made."""
+
+    def hold_step(self, *_: Any) -> None:
+        """Optimizer step pre-hook: the state may change only once the writer copied it."""
+        waited = self.job.wait_copied()
+        self.stall += waited
+        self.save.sink.copy_wait_seconds += waited
+
+    def remove_hooks(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
 
 
 class AccelerateSink:
@@ -176,6 +189,8 @@ class AccelerateSink:
         self.rotate_on_demand = rotate_on_demand
         self._snapshot = HostSnapshot()
         self._async: _InFlight | None = None
+        self.copy_wait_seconds = 0.0
+        """How long ``optimizer.step()`` waited for the deferred copies of asynchronous saves, in all (a diagnostic)."""
 
     @property
     def is_committer(self) -> bool:
@@ -228,7 +243,10 @@ class AccelerateSink:
         Its staging directory is never committed; the next start removes it.
         """
         flight, self._async = self._async, None
-        return dict(flight.save.common) if flight is not None else None
+        if flight is None:
+            return None
+        flight.remove_hooks()
+        return dict(flight.save.common)
 
     def async_unsupported(self) -> str | None:
         """Why full saves of this run cannot be asynchronous (None if they can)."""
@@ -256,8 +274,14 @@ class AccelerateSink:
             if error is not None:
                 return self._fail(save, error)
         job = WriteJob(snapshot[0], save.staging)
+        flight = _InFlight(save, job, stall=0.0)
+        for optimizer in self.accelerator._optimizers:
+            # On the torch optimizer inside accelerate's wrapper: its step() is the one that changes the state.
+            inner = getattr(optimizer, "optimizer", optimizer)
+            flight.hooks.append(inner.register_step_pre_hook(flight.hold_step))
         job.start()
-        self._async = _InFlight(save, job, stall=time.perf_counter() - save.started)
+        flight.stall = time.perf_counter() - save.started
+        self._async = flight
         return None
 
     def poll(self, *, wait: bool = False) -> SaveCompleted | SaveFailed | None:
@@ -280,6 +304,7 @@ class AccelerateSink:
         if running:
             return None
         self._async = None
+        flight.remove_hooks()  # (the writer ended, so they would not wait anyway)
 
         def check() -> None:
             if flight.job.error is not None:

@@ -1,15 +1,27 @@
 """Asynchronous full saves: a snapshot in host memory on the training thread, the files from a writer thread.
 
 :meth:`HostSnapshot.take` runs on the training thread at the agreed step and
-copies exactly what ``accelerator.save_state`` would write (model and
+takes exactly what ``accelerator.save_state`` would write (model and
 optimizer state dicts, scheduler, sampler and dataloader states, the
 gradient scaler, objects registered for checkpointing, and this rank's RNG
-states) into host memory. Tensors are copied with ``copy_`` into buffers
-allocated at the first save and reused by every later one: fresh memory
-costs page faults (measured: ``clone()`` of a 566 MB state took 0.4-1.1 s,
-``copy_`` into reused buffers 45 ms). Only one save is in flight at a time,
-so the writer of the previous save is done with the buffers before they are
-overwritten.
+states). Tensors are copied with ``copy_`` into host buffers allocated at the
+first save and reused by every later one: fresh memory costs page faults
+(measured: ``clone()`` of a 566 MB state took 0.4-1.1 s, ``copy_`` into reused
+buffers 45 ms). Only one save is in flight at a time, so the writer of the
+previous save is done with the buffers before they are overwritten.
+
+The bulk of the bytes, the parameters and the optimizer state, change only
+in ``optimizer.step()``. Their copies are therefore *deferred*: the writer
+thread makes them while the next forward and backward pass run, and a step
+pre-hook on every optimizer holds ``optimizer.step()`` until they are done
+(:meth:`WriteJob.wait_copied`). Everything else (buffers, which a forward
+pass may update, RNG states, small objects) is copied at the agreed step. A
+deferred tensor whose version counter moved while it was copied (an in-place
+change outside ``optimizer.step()``) fails the save instead of writing a
+torn state; a change through ``.data`` bypasses that counter and is not seen
+(``async_save: false`` for such a loop). On CUDA the deferred copies run on
+a stream of their own into pinned buffers, after an event recorded at the
+agreed step, so they overlap the next step's kernels.
 
 :class:`WriteJob` writes those copies into the staging directory with
 accelerate's own ``save`` (same file names and formats as
@@ -21,12 +33,14 @@ ever: the ranks agree that every write finished on the training thread (see
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +82,32 @@ class Snapshot:
     own: list[tuple[str, Any]] = field(default_factory=list)
     """(file name, object) that every rank writes with ``torch.save`` (RNG states, scaler, dataloader state)."""
     save_on_each_node: bool = False
+    deferred: list[tuple[torch.Tensor, torch.Tensor, int, str]] = field(default_factory=list)
+    """(host buffer, source, the source's version at the agreed step, name): copies the writer makes first."""
+    ready: Any = None
+    """A CUDA event recorded at the agreed step (the deferred copies wait for it), or None."""
+
+    def copy_deferred(self) -> None:
+        """Make the deferred copies (writer thread); raise if a source changed in place meanwhile."""
+        if not self.deferred:
+            return
+        stream = None
+        if self.ready is not None:
+            device = next(source.device for _, source, _, _ in self.deferred if source.is_cuda)
+            stream = torch.cuda.Stream(device=device)  # type: ignore[no-untyped-call]
+            stream.wait_event(self.ready)
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for buffer, source, _, _ in self.deferred:
+                buffer.copy_(source, non_blocking=stream is not None)
+        if stream is not None:
+            stream.synchronize()
+        for _, source, version, name in self.deferred:
+            if source._version != version:
+                raise RuntimeError(
+                    f"{name} changed in place outside optimizer.step() while the asynchronous save copied it; "
+                    "this checkpoint would mix two steps, so it was not made visible. Set "
+                    "dynamic_checkpoint.async_save: false for this training loop"
+                )
 
 
 class HostSnapshot:
@@ -90,13 +130,22 @@ class HostSnapshot:
         # File names as in accelerate.checkpointing.save_accelerator_state.
         if shared:
             weights = "model.safetensors" if safe_serialization else "pytorch_model.bin"
+            parameters = {p.untyped_storage().data_ptr() for model in accelerator._models for p in model.parameters()}
             for i, model in enumerate(accelerator._models):
                 name = weights if i == 0 else weights.replace(".", f"_{i}.")
                 state = accelerator.get_state_dict(model, unwrap=False)
-                snap.shared.append((name, self._copy(state, f"model{i}", {}), safe_serialization))
+
+                def is_parameter(t: torch.Tensor) -> bool:
+                    return t.untyped_storage().data_ptr() in parameters
+
+                snap.shared.append((name, self._copy(state, f"model{i}", {}, snap, is_parameter), safe_serialization))
             for i, opt in enumerate(accelerator._optimizers):
                 name = "optimizer.bin" if i == 0 else f"optimizer_{i}.bin"
-                snap.shared.append((name, self._copy(opt.state_dict(), f"optimizer{i}", {}), False))
+                state = self._copy(opt.state_dict(), f"optimizer{i}", {}, snap, lambda t: True)
+                snap.shared.append((name, state, False))
+            if snap.deferred and any(source.is_cuda for _, source, _, _ in snap.deferred):
+                snap.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                snap.ready.record()  # on the current stream, after this step's optimizer kernels
             for i, scheduler in enumerate(accelerator._schedulers):
                 name = "scheduler.bin" if i == 0 else f"scheduler_{i}.bin"
                 snap.shared.append((name, copy.deepcopy(scheduler.state_dict()), False))
@@ -127,7 +176,15 @@ class HostSnapshot:
         snap.own.append((f"random_states_{accelerator.process_index}.pkl", rng))
         return snap
 
-    def _copy(self, obj: Any, key: str, memo: dict[tuple[Any, ...], torch.Tensor]) -> Any:
+    def _copy(
+        self,
+        obj: Any,
+        key: str,
+        memo: dict[tuple[Any, ...], torch.Tensor],
+        snap: Snapshot | None = None,
+        deferrable: Callable[[torch.Tensor], bool] = lambda t: False,
+    ) -> Any:
+        """Copy ``obj`` into host buffers; tensors that ``deferrable`` accepts are left to the writer (``snap``)."""
         if isinstance(obj, torch.Tensor):
             # Tensors that alias (GPT-2's tied embedding and lm_head) share one buffer, as in the source, so
             # safetensors stores them once, as save_state does.
@@ -136,19 +193,23 @@ class HostSnapshot:
                 return memo[alias]
             buffer = self._buffers.get(key)
             if buffer is None or buffer.shape != obj.shape or buffer.dtype != obj.dtype:
-                buffer = torch.empty(obj.shape, dtype=obj.dtype, device="cpu")
+                # Pinned host memory makes copies from the GPU asynchronous (and about twice as fast).
+                buffer = torch.empty(obj.shape, dtype=obj.dtype, device="cpu", pin_memory=obj.is_cuda)
                 self._buffers[key] = buffer
-            buffer.copy_(obj.detach())
+            if snap is not None and deferrable(obj):
+                snap.deferred.append((buffer, obj.detach(), obj._version, key))
+            else:
+                buffer.copy_(obj.detach())
             memo[alias] = buffer
             return buffer
         if isinstance(obj, OrderedDict):
-            return OrderedDict((k, self._copy(v, f"{key}/{k}", memo)) for k, v in obj.items())
+            return OrderedDict((k, self._copy(v, f"{key}/{k}", memo, snap, deferrable)) for k, v in obj.items())
         if isinstance(obj, dict):
-            return {k: self._copy(v, f"{key}/{k}", memo) for k, v in obj.items()}
+            return {k: self._copy(v, f"{key}/{k}", memo, snap, deferrable) for k, v in obj.items()}
         if isinstance(obj, list):
-            return [self._copy(v, f"{key}/{i}", memo) for i, v in enumerate(obj)]
+            return [self._copy(v, f"{key}/{i}", memo, snap, deferrable) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
-            return tuple(self._copy(v, f"{key}/{i}", memo) for i, v in enumerate(obj))
+            return tuple(self._copy(v, f"{key}/{i}", memo, snap, deferrable) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
 
 
@@ -164,6 +225,8 @@ class WriteJob:
         self.staging = staging
         self.error: str | None = None
         self.seconds = 0.0
+        self.copied = threading.Event()
+        """Set once the deferred copies are made (or failed): the state may change from then on."""
         self.done = threading.Event()
         # Daemon: an abort (a second Ctrl+C, an exception) must not wait for it; its staging is never committed.
         self._thread = threading.Thread(target=self._run, name=f"ckptbus-writer-{staging.name}", daemon=True)
@@ -174,9 +237,21 @@ class WriteJob:
     def wait(self) -> None:
         self.done.wait()
 
+    def wait_copied(self) -> float:
+        """Block until the deferred copies are made; return the seconds waited (training held)."""
+        if self.copied.is_set():
+            return 0.0
+        started = time.perf_counter()
+        self.copied.wait()
+        return time.perf_counter() - started
+
     def _run(self) -> None:
         started = time.perf_counter()
         try:
+            try:
+                self.snapshot.copy_deferred()
+            finally:
+                self.copied.set()
             written: list[Path] = []
             for name, obj, safe in self.snapshot.shared:
                 path = self.staging / name
@@ -196,4 +271,5 @@ class WriteJob:
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
             self.seconds = time.perf_counter() - started
+            self.copied.set()
             self.done.set()

@@ -92,10 +92,17 @@ def test_snapshot_writes_what_save_state_writes_and_reuses_its_buffers(tmp_path:
             job = WriteJob(snapshots.take(accelerator), written)
             if round_ == 1:
                 assert {k: v.data_ptr() for k, v in snapshots._buffers.items()} == buffers
-            train_step()  # training goes on while the writer runs: the files must still hold the earlier step
+
+            # As the sink does: optimizer.step() waits until the writer copied the parameters and optimizer state.
+            def hold_step(*_: Any, job: WriteJob = job) -> None:
+                job.wait_copied()
+
+            hook = accelerator._optimizers[0].optimizer.register_step_pre_hook(hold_step)
             job.start()
+            train_step()  # training goes on while the writer runs: the files must still hold the earlier step
+            hook.remove()
             job.wait()
-            assert job.error is None
+            assert job.error is None and job.copied.is_set()
             names = sorted(p.name for p in expected.iterdir())
             assert sorted(p.name for p in written.iterdir()) == names
             assert "random_states_0.pkl" in names and "model.safetensors" in names
@@ -110,27 +117,49 @@ def test_snapshot_writes_what_save_state_writes_and_reuses_its_buffers(tmp_path:
         PartialState._reset_state()
 
 
+def test_a_change_in_place_while_the_writer_copies_fails_the_save_instead_of_mixing_two_steps(tmp_path: Path) -> None:
+    import torch
+    from accelerate.state import AcceleratorState, PartialState
+    from ckptbus.plugins.async_writer import HostSnapshot, WriteJob
+
+    accelerator, model, train_step = _tiny_training()
+    try:
+        train_step()
+        job = WriteJob(HostSnapshot().take(accelerator), tmp_path)
+        assert job.snapshot.deferred, "the parameters and the optimizer state are copied by the writer"
+        with torch.no_grad():  # outside optimizer.step(), before the writer copied it
+            next(iter(model.parameters())).add_(1.0)
+        job.start()
+        job.wait()
+        assert job.error is not None and "changed in place outside optimizer.step()" in job.error, job.error
+        assert "async_save: false" in job.error
+        assert not (tmp_path / "model.safetensors").exists(), "nothing is written from a torn copy"
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+
+
 def test_one_save_in_flight_requests_wait_for_its_commit_and_close_commits_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """One process (exchange = identity). The writer is held on an Event so that "still writing" lasts as long as
-    the test needs: the only stand-in here, since a real write's duration cannot be chosen."""
+    """One process (exchange = identity). The writer's file writes (after its copies of the state) are held on an
+    Event so that "still writing" lasts as long as the test needs: the only stand-in here, since a real write's
+    duration cannot be chosen."""
     import threading
 
     from accelerate.state import AcceleratorState, PartialState
-    from ckptbus.plugins import DynamicCheckpoint
-    from ckptbus.plugins.async_writer import WriteJob
+    from ckptbus.plugins import DynamicCheckpoint, async_writer
 
     from ckptbus import CheckpointConfig, DynamicCheckpointConfig
 
     release = threading.Event()
-    real_run = WriteJob._run
+    real_save = async_writer.save
 
-    def held_run(job: WriteJob) -> None:
+    def held_save(*args: Any, **kwargs: Any) -> None:
         release.wait()
-        real_run(job)
+        real_save(*args, **kwargs)
 
-    monkeypatch.setattr(WriteJob, "_run", held_run)
+    monkeypatch.setattr(async_writer, "save", held_save)
     accelerator, _, train_step = _tiny_training()
     try:
         config = CheckpointConfig(
