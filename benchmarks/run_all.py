@@ -29,9 +29,9 @@ def launch(script: str, processes: int = 2) -> list[str]:
 
 
 BENCHMARKS: list[tuple[str, list[str]]] = [
-    ("per-step overhead (file trigger, check_interval 1 and 100)", launch("overhead.py")),
-    ("per-step overhead (signals every step)", launch("signal_overhead.py")),
+    ("per-step overhead (check_interval 100 with the socket; all on, a vote every step)", launch("overhead.py")),
     ("CLI start-up", [sys.executable, str(HERE / "cli_startup.py")]),
+    ("latency: trigger file and ckptbus request", [sys.executable, str(HERE / "latency.py")]),
     ("full save: async stall vs save_state, sync fsync vs dd", launch("save_stall.py")),
 ]
 
