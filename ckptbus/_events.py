@@ -74,8 +74,9 @@ class SaveStarted:
 class SaveCompleted:
     """The checkpoint at ``path`` is complete on disk (manifest written, renamed, fsynced).
 
-    ``seconds``: from the agreement to the commit. ``stall_seconds``: how long training was held (the slowest
-    rank). ``write_seconds``: the time to persist, from the start of writing to the commit, fsync included.
+    ``seconds``: from the agreement to the commit. ``stall_seconds``: how long the save's own work held training
+    (the slowest rank; waits for a slower peer are not counted). ``write_seconds``: the time to persist, from the
+    start of writing until every file is fsynced.
     Both are those the manifest records (0.0 where a save was answered by a checkpoint already on disk).
     """
 

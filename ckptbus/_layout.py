@@ -19,7 +19,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -234,13 +234,20 @@ def prepare_staging(output_dir: str | os.PathLike[str], step: int) -> Path:
     return staging
 
 
-def commit(staging: Path, final: Path, manifest_fields: dict[str, Any]) -> Manifest:
+def commit(
+    staging: Path,
+    final: Path,
+    manifest_fields: dict[str, Any],
+    fields_after_fsync: Callable[[], dict[str, Any]] = dict,
+) -> Manifest:
     """Make ``staging`` the complete checkpoint ``final``.
 
     fsyncs every file, writes the manifest last (through a temporary file),
     renames the directory and fsyncs the parent. If ``final`` already exists
     and is a complete ckptbus checkpoint it is replaced; any other directory
     of that name is moved aside to ``<final>.orphaned-<time>`` and kept.
+    ``fields_after_fsync`` gives more manifest fields once every file is
+    fsynced (timings that must include the fsync).
     """
     files = fsync_tree(staging)
     manifest = Manifest(
@@ -248,6 +255,7 @@ def commit(staging: Path, final: Path, manifest_fields: dict[str, Any]) -> Manif
         files=files,
         bytes=sum(files.values()),
         **manifest_fields,
+        **fields_after_fsync(),
     )
     tmp = staging / (MANIFEST_NAME + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:

@@ -351,7 +351,15 @@ class AccelerateSink:
         def finish() -> None:
             nonlocal committed_bytes
             if self.is_committer:
-                now = time.perf_counter()
+
+                def timings_with_fsync() -> dict[str, float]:
+                    now = time.perf_counter()
+                    return {
+                        "seconds": round(now - save.started, 3),
+                        "stall_seconds": round(stall_before + now - since, 3),
+                        "write_seconds": round(write_before + now - since, 3),
+                    }
+
                 manifest = commit(
                     save.staging,
                     save.final,
@@ -362,10 +370,8 @@ class AccelerateSink:
                         "world_size": self.accelerator.num_processes,
                         "labels": list(save.common["labels"]),
                         "request_ids": list(save.common["request_ids"]),
-                        "seconds": round(now - save.started, 3),
-                        "stall_seconds": round(stall_before + now - since, 3),
-                        "write_seconds": round(write_before + now - since, 3),
                     },
+                    timings_with_fsync,
                 )
                 committed_bytes = manifest.bytes
                 timings[:] = [manifest.stall_seconds, manifest.write_seconds]
