@@ -33,6 +33,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("CLI start-up", [sys.executable, str(HERE / "cli_startup.py")]),
     ("latency: trigger file and ckptbus request", [sys.executable, str(HERE / "latency.py")]),
     ("full save: async stall vs save_state, sync fsync vs dd", launch("save_stall.py")),
+    ("scale: save time, stall and bytes by model size and world size", [sys.executable, str(HERE / "scale.py")]),
 ]
 
 
