@@ -69,6 +69,24 @@ def ckpt_config(output_dir: Path, async_save: bool) -> CheckpointConfig:
     return build(CheckpointConfig, {"output_dir": str(output_dir), "dynamic_checkpoint": block})
 
 
+def sync_and_async_arms(
+    accelerator: Accelerator, root: Path, sync_name: str, async_name: str
+) -> tuple[dict[str, DynamicCheckpoint], dict[str, list[SaveCompleted]]]:
+    """A fresh ``root`` with a synchronous and an asynchronous DynamicCheckpoint, and the completions of each."""
+    if accelerator.is_main_process:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    ckpts = {
+        sync_name: DynamicCheckpoint(accelerator, ckpt_config(root / "sync", False)),
+        async_name: DynamicCheckpoint(accelerator, ckpt_config(root / "async", True)),
+    }
+    completed: dict[str, list[SaveCompleted]] = {arm: [] for arm in ckpts}
+    for arm, ckpt in ckpts.items():
+        ckpt.bus.subscribe("save_completed", completed[arm].append)
+    return ckpts, completed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=4)
@@ -108,18 +126,8 @@ def main() -> None:
         train_step()
 
     root = Path(args.dir)
-    if main_process:
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    ckpts = {
-        "ckptbus sync": DynamicCheckpoint(accelerator, ckpt_config(root / "sync", False)),
-        "ckptbus async": DynamicCheckpoint(accelerator, ckpt_config(root / "async", True)),
-    }
+    ckpts, completed = sync_and_async_arms(accelerator, root, "ckptbus sync", "ckptbus async")
     steps = dict.fromkeys(ckpts, 0)
-    completed: dict[str, list[SaveCompleted]] = {arm: [] for arm in ckpts}
-    for arm, ckpt in ckpts.items():
-        ckpt.bus.subscribe("save_completed", completed[arm].append)
     stall: dict[str, list[float]] = {arm: [] for arm in ARMS}
     extra: dict[str, list[float]] = {
         "sync_bytes": [],

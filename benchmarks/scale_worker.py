@@ -45,8 +45,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 # train.py; benchmarks/ (save_stall.py) is on sys.path as the script's own folder.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ckptbus.plugins import DynamicCheckpoint
-from save_stall import REPO, ckpt_config
+from save_stall import REPO, sync_and_async_arms
 
 from ckptbus import SaveCompleted, list_checkpoints, read_checkpoint
 from ckptbus._layout import withdraw
@@ -142,18 +141,8 @@ def main() -> None:
     log(f"{parameters:,} parameters prepared and trained 2 steps in {time.perf_counter() - started:.1f} s")
 
     root = Path(args.dir)
-    if main_process:
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    ckpts = {
-        "sync": DynamicCheckpoint(accelerator, ckpt_config(root / "sync", False)),
-        "async": DynamicCheckpoint(accelerator, ckpt_config(root / "async", True)),
-    }
+    ckpts, completed = sync_and_async_arms(accelerator, root, "sync", "async")
     steps = dict.fromkeys(ckpts, 0)
-    completed: dict[str, list[SaveCompleted]] = {arm: [] for arm in ckpts}
-    for arm, ckpt in ckpts.items():
-        ckpt.bus.subscribe("save_completed", completed[arm].append)
     keys = (
         "save_state_s",
         "save_state_bytes",
