@@ -129,6 +129,8 @@ class Coordinator:
     ``every_step``: exchange at every step instead (sources that must be
     honoured within one step, such as Ctrl+C, turn this on).
     ``save_steps``: a full save is scheduled at steps divisible by it.
+    ``exchange`` and ``start_exchange`` may be replaced between steps (a
+    Trainer learns its world size only when training begins).
     ``start_exchange``: with ``every_step``, the votes of steps that are
     neither a ``check_interval`` multiple nor scheduled are *pipelined*: the
     exchange is started at step N and read at step N+1, so it runs while step
@@ -141,12 +143,12 @@ class Coordinator:
 
     __slots__ = (
         "_carried",
-        "_exchange",
         "_held",
         "_in_flight",
         "_queue",
         "check_interval",
         "every_step",
+        "exchange",
         "save_steps",
         "start_exchange",
     )
@@ -162,7 +164,7 @@ class Coordinator:
     ) -> None:
         if check_interval < 1:
             raise ValueError(f"check_interval must be >= 1, got {check_interval}")
-        self._exchange = exchange
+        self.exchange = exchange
         self.start_exchange = start_exchange
         # SimpleQueue.put is reentrant: safe from signal handlers and threads.
         self._queue: queue.SimpleQueue[SaveRequested] = queue.SimpleQueue()
@@ -238,7 +240,7 @@ class Coordinator:
             if blocking:
                 fresh, self._held = self._held, []
                 voted += fresh
-                votes.append(self._exchange(encode_vote(fresh, scheduled and self.is_scheduled(step))))
+                votes.append(self.exchange(encode_vote(fresh, scheduled and self.is_scheduled(step))))
         except BaseException:
             self._held[:0] = voted  # requests are consumed only once every rank agreed
             raise

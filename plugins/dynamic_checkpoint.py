@@ -33,13 +33,14 @@ from ckptbus import (
     SaveKind,
     SaveRequested,
 )
-from ckptbus._coordinator import Coordinator, Decision, exit_status
+from ckptbus._coordinator import VOTE_LENGTH, Coordinator, Decision, exit_status
 from ckptbus._eventlog import EVENT_LOG_NAME
 from ckptbus._layout import CheckpointInfo, clean_leftovers, latest_full, read_checkpoint
 from ckptbus._source import TriggerSource, close_all
 
 from .accelerate_sink import AccelerateSink, TorchExchange, check_world
 from .file_trigger import FileTrigger
+from .shared_votes import SharedVotes
 from .signals import SignalTrigger
 from .unix_socket import UnixSocketTrigger
 
@@ -100,14 +101,22 @@ class DynamicCheckpoint:
                 self.bus, dyn.signals.actions(), debounce_seconds=dyn.signals.debounce_seconds
             )
         exchange = TorchExchange(accelerator)
-        # A signal must be honoured on every rank within a step: the ranks vote at every step (one small all_reduce).
+        # Ranks on one machine vote through shared memory, not a collective (plugins/shared_votes.py): a signal
+        # must be honoured on every rank within a step, so with signals on they vote at every step.
+        self._votes: SharedVotes | None = None
+        if dyn.enabled and exchange.world_size > 1:
+            self._votes = SharedVotes.open(accelerator.process_index, exchange.world_size, VOTE_LENGTH, exchange)
+            if accelerator.is_main_process:
+                channel = "shared memory" if self._votes is not None else "collective"
+                logger.info("ckptbus: the %d ranks vote through %s", exchange.world_size, channel)
+        votes = self._votes or exchange
         self._coordinator = Coordinator(
-            exchange,
+            votes,
             check_interval=dyn.check_interval,
             save_steps=config.save_steps,
             every_step=self._signals is not None,
             # Pipelined: a vote started at one step is read at the next, while it computes (Coordinator docs).
-            start_exchange=exchange.start if exchange.world_size > 1 else None,
+            start_exchange=votes.start if exchange.world_size > 1 else None,
         )
         self.bus.subscribe("save_requested", self._coordinator.enqueue)
         self._exchange = exchange
@@ -400,5 +409,7 @@ class DynamicCheckpoint:
         for request in self._coordinator.drain():
             self.bus.publish(SaveFailed.unserved(request, self._last_step, f"{why} before the request could be served"))
         close_all(self._sources)
+        if self._votes is not None:
+            self._votes.close()
         if self._event_log is not None:
             self._event_log.detach()

@@ -67,7 +67,7 @@ from ckptbus import (
     SetupError,
 )
 from ckptbus._config import build, read_yaml
-from ckptbus._coordinator import Coordinator, Decision, exit_status
+from ckptbus._coordinator import VOTE_LENGTH, Coordinator, Decision, exit_status
 from ckptbus._eventlog import EVENT_LOG_NAME
 from ckptbus._layout import (
     MANIFEST_NAME,
@@ -82,6 +82,7 @@ from ckptbus._source import TriggerSource, close_all
 
 from .accelerate_sink import TorchExchange
 from .file_trigger import FileTrigger
+from .shared_votes import SharedVotes
 from .signals import SignalTrigger
 from .unix_socket import UnixSocketTrigger
 
@@ -158,6 +159,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         self._event_log: EventLog | None = None
         self._world_size = 1
         self._rank = 0
+        self._votes: SharedVotes | None = None
         self._device = torch.device("cpu")
         self._running = False
         self._last_step = 0
@@ -350,8 +352,14 @@ class DynamicCheckpointCallback(TrainerCallback):
                 )
             if dist.get_backend() == "nccl":
                 self._device = args.device
-        # Pipelined votes, as in DynamicCheckpoint (the world size is known only now).
-        votes = TorchExchange.of(self._world_size, self._device)
+        # Shared-memory and pipelined votes, as in DynamicCheckpoint (the world size is known only now).
+        collective = TorchExchange.of(self._world_size, self._device)
+        self._votes = SharedVotes.open(self._rank, self._world_size, VOTE_LENGTH, collective)
+        if self._world_size > 1 and self._rank == 0:
+            channel = "shared memory" if self._votes is not None else "collective"
+            logger.info("ckptbus: the %d ranks vote through %s", self._world_size, channel)
+        votes = self._votes or collective
+        self._coordinator.exchange = votes
         self._coordinator.start_exchange = votes.start if self._world_size > 1 else None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         main = self._rank == 0
@@ -530,6 +538,9 @@ class DynamicCheckpointCallback(TrainerCallback):
             self.bus.publish(SaveFailed.unserved(request, self._last_step, f"{why} before the request could be served"))
         close_all(self._sources)
         self._sources = []
+        if self._votes is not None:
+            self._votes.close()
+            self._votes = None
         if self._event_log is not None:
             self._event_log.detach()
             self._event_log = None

@@ -90,8 +90,10 @@ class TrainingRun:
         extra_args: list[str] | None = None,
         name: str = "run",
         raw_config: bool = False,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
+        self.extra_env = dict(env or {})
         self.output_dir = workdir / "out"
         cfg = dict(config or {}) if raw_config else merge(BASE_CONFIG, config or {})
         cfg.setdefault("output_dir", str(self.output_dir))
@@ -141,6 +143,7 @@ class TrainingRun:
             }
         )
         env.pop("ACCELERATE_USE_CPU", None)
+        env.update(self.extra_env)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - held open for the run's lifetime, closed in kill()
         self.proc = subprocess.Popen(
             self.cmd,

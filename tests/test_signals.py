@@ -459,8 +459,11 @@ def test_ctrl_c_two_ranks(launch: Any) -> None:
 
 
 @pytest.mark.slow
-def test_a_signal_to_one_rank_saves_on_every_rank(launch: Any) -> None:
-    run = launch(processes=2)
+@pytest.mark.parametrize("votes", ["shared memory", "collective"])
+def test_a_signal_to_one_rank_saves_on_every_rank(launch: Any, votes: str) -> None:
+    """Only rank 1 gets the signal; the votes carry it to rank 0, through shared memory (ranks on one machine)
+    or, as between machines, through a collective (forced with CKPTBUS_VOTES=collective)."""
+    run = launch(processes=2, env={"CKPTBUS_VOTES": "collective" if votes == "collective" else "auto"})
     ranks = run.wait_for_ranks()
     run.wait_for_step(10)
     sent_at = run.last_step()
@@ -471,6 +474,7 @@ def test_a_signal_to_one_rank_saves_on_every_rank(launch: Any) -> None:
     assert sent_at <= info.step <= sent_at + 2
     assert info.step in _steps_of_request(run, "SIGINT")
     assert info.step == run.last_step()
+    assert f"the 2 ranks vote through {votes}" in run.log()
     # torchrun's report. The first rank to exit has status 130; torchrun then sends SIGTERM to the ranks
     # still tearing down (their save and last collective are done), which may turn their status into -15.
     report = run.log()[run.log().rindex("ChildFailedError") :]
