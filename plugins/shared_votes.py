@@ -29,8 +29,9 @@ broadcasts its name, every rank proves it can read what rank 0 wrote and see
 every other rank's process, and the file is unlinked at once (the open file
 descriptors keep it alive, so nothing is left behind, even after a crash).
 Where that fails (ranks on several machines, or in containers that share
-nothing) ``open`` returns None and the caller uses collectives.
-``CKPTBUS_VOTES=collective`` in the environment forces that.
+nothing) ``open`` returns None on every rank and the caller uses
+collectives. ``CKPTBUS_VOTES=collective`` in the environment of any rank
+forces that.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 
 logger = logging.getLogger("ckptbus")
@@ -102,14 +104,23 @@ class SharedVotes:
         exchange: Exchange,
         *,
         directory: str | None = None,
-        timeout: timedelta = timedelta(minutes=30),
+        timeout: timedelta | None = None,
     ) -> SharedVotes | None:
         """Collective (every rank calls it): the shared votes of this run, or None where ranks cannot share them.
 
         ``exchange`` is the run's collective (element-wise max), used a few
         times here; the file's name travels with ``broadcast_object_list``.
+        ``timeout``: how long a vote waits for a rank that is alive but does
+        not vote; by default that of the process group (30 minutes unless the
+        run set another), so a long evaluation on one rank is no more fatal
+        than with a collective.
         """
-        if world_size < 2 or os.environ.get(VOTES_ENV, "auto") == "collective":
+        timeout = timeout or process_group_timeout()
+        if world_size < 2:
+            return None
+        # Asked on every rank, so that all of them take the same path (one rank alone skipping the set-up's
+        # collectives would leave the others waiting in them).
+        if exchange([int(os.environ.get(VOTES_ENV, "auto") == "collective")])[0]:
             return None
         size = _file_words(world_size, length) * _WORD.size
         name = [""]
@@ -259,6 +270,19 @@ class _PendingSharedVote:
         if self._result is None:
             self._result = self._votes._collect(self._number, self._own)
         return list(self._result)
+
+
+def process_group_timeout() -> timedelta:
+    """The timeout of the default process group (what a collective would wait), else torch's default of 30 min."""
+    try:
+        group = dist.distributed_c10d._get_default_group()
+        backend = group._get_backend(torch.device("cuda" if dist.get_backend() == "nccl" else "cpu"))
+        timeout = backend.options._timeout  # not public API: any surprise falls back to the default
+        if isinstance(timeout, timedelta) and timeout.total_seconds() > 0:
+            return timeout
+    except Exception:
+        pass
+    return timedelta(minutes=30)
 
 
 def _file_words(world_size: int, length: int) -> int:
