@@ -227,7 +227,7 @@ class SharedVotes:
                     next_liveness = now + _LIVENESS_SECONDS
                     if now >= deadline:
                         raise SharedVotesError(
-                            f"rank {rank} did not vote within {self.timeout:.0f} s (vote {number}); it may be stuck"
+                            f"rank {rank} did not vote within {self.timeout:g} s (vote {number}); it may be stuck"
                         )
                 # Sleep a little, longer each time: a spin would take the CPU from the rank being waited for.
                 time.sleep(sleep)
@@ -295,13 +295,19 @@ def _token_ints(fd: int) -> list[int]:
 
 
 def _process_exists(pid: int) -> bool:
+    """Whether ``pid`` runs: a process that exited but was not reaped yet (a zombie) does not."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # it exists, under another user
-        return True
-    return True
+        pass
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            state = fh.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc to ask: trust kill()
+    return state not in (b"Z", b"X")
 
 
 __all__ = ["RING", "VOTES_ENV", "SharedVotes", "SharedVotesError", "shared_memory_dir"]
