@@ -4,7 +4,7 @@ Run under the launcher, 2 ranks over gloo:
 
     accelerate launch --multi_gpu --num_processes 2 benchmarks/overhead.py
 
-Three arms train the same GPT-2 (from train.py's make_model, sized so that a
+Four arms train the same GPT-2 (from train.py's make_model, sized so that a
 step takes 50 to 90 ms on 2 CPU cores with 2 ranks) in the same processes:
 
 - ``disabled``: no DynamicCheckpoint at all, the baseline.
@@ -16,13 +16,17 @@ step takes 50 to 90 ms on 2 CPU cores with 2 ranks) in the same processes:
   the ranks vote at every step so that Ctrl+C is honoured within a step (ranks
   on one machine vote through shared memory, pipelined: started at one step,
   read at the next). Target: throughput >= 0.995 of disabled.
+- ``all_on_collective``: ``all_on`` with ``CKPTBUS_VOTES=collective``: the
+  vote of every step is a pipelined gloo ``all_reduce``, as between machines
+  (and as every vote was before shared-memory votes). No target: it shows
+  what the shared-memory votes save.
 
 Block means on this shared machine drift by several percent within minutes,
 far more than the cost being measured, so the arms are interleaved in short
 blocks (``--block`` steps, 20 by default; the arm that goes first rotates each
 round) and each round compares its own blocks: the figure is the median over
 rounds of ``disabled block time / arm block time``, with a bootstrap 95%
-interval that says how fine the measurement is. Both enabled arms keep one
+interval that says how fine the measurement is. The enabled arms keep one
 DynamicCheckpoint each for the whole run (their own output_dir and socket),
 stepped only in their own blocks. The time spent inside ``DynamicCheckpoint.step``
 is timed too: the direct cost, which the noise does not hide. The vote alone
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import shutil
 import statistics
@@ -53,13 +58,13 @@ sys.path.insert(0, str(REPO))
 
 from ckptbus.plugins import DynamicCheckpoint  # noqa: E402
 from ckptbus.plugins.accelerate_sink import TorchExchange  # noqa: E402
-from ckptbus.plugins.shared_votes import SharedVotes  # noqa: E402
+from ckptbus.plugins.shared_votes import VOTES_ENV, SharedVotes  # noqa: E402
 
 from ckptbus import CheckpointConfig  # noqa: E402
 from ckptbus._config import build  # noqa: E402
 from train import ModelConfig, TrainConfig, make_data, make_model  # noqa: E402
 
-ARMS = ("disabled", "check_interval=100", "all_on")
+ARMS = ("disabled", "check_interval=100", "all_on", "all_on_collective")
 TARGETS = {"check_interval=100": 0.999, "all_on": 0.995}
 COMMAND = "accelerate launch --multi_gpu --num_processes 2 benchmarks/overhead.py"
 
@@ -130,8 +135,9 @@ def main() -> None:
     checkpoints: dict[str, DynamicCheckpoint] = {}
     for arm in ARMS[1:]:
         output_dir = f"{out_root[0]}/{arm.replace('=', '')}"
+        os.environ[VOTES_ENV] = "collective" if arm == "all_on_collective" else "auto"
         checkpoints[arm] = ckpt = DynamicCheckpoint(accelerator, ckpt_config(arm, output_dir))
-        assert ckpt._coordinator.every_step == (arm == "all_on"), f"{arm}: votes at every step"
+        assert ckpt._coordinator.every_step == arm.startswith("all_on"), f"{arm}: votes at every step"
         if accelerator.is_main_process:
             assert (Path(output_dir) / "ckptbus.sock").is_socket(), f"{arm}: the socket is not served"
     shared = {arm: ckpt._votes is not None for arm, ckpt in checkpoints.items()}
@@ -223,12 +229,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
     arms = list(result["samples"])[1:]
     base = result["samples"]["disabled"]
     ax.boxplot([[b / a for b, a in zip(base, result["samples"][arm], strict=True)] for arm in arms], tick_labels=arms)
     for i, arm in enumerate(arms, start=1):
-        ax.hlines(result["targets"][arm], i - 0.3, i + 0.3, colors="red", linestyles="dashed")
+        if arm in result["targets"]:
+            ax.hlines(result["targets"][arm], i - 0.3, i + 0.3, colors="red", linestyles="dashed")
     ax.axhline(1.0, color="grey", linewidth=0.5)
     ax.set_ylabel("disabled / arm block time, per round")
     ratios = result["throughput_ratio_vs_disabled"]

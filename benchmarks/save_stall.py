@@ -5,13 +5,16 @@ Run under the launcher, 2 ranks over gloo:
     accelerate launch --multi_gpu --num_processes 2 benchmarks/save_stall.py
 
 A GPT-2 of about 42M parameters with AdamW's state (about 500 MB) is saved
-round after round by four arms, interleaved (the arm that goes first rotates)
+round after round by five arms, interleaved (the arm that goes first rotates)
 so that machine noise hits them alike:
 
 - ``save_state``: plain ``accelerator.save_state`` into a fresh directory (no
   fsync, no commit): what training waits for without ckptbus.
 - ``ckptbus sync``: a ckptbus full save (staging, every file fsynced, manifest,
-  rename): training waits for all of it.
+  rename): training waits for all of it. Its ``torch.save`` files carry no
+  zip CRC32s (the default, ``dynamic_checkpoint.torch_save_crc32: false``).
+- ``ckptbus sync crc32``: the same with ``torch_save_crc32: true``, as
+  ``save_state`` writes them.
 - ``ckptbus async`` (``dynamic_checkpoint.async_save``): training waits for the
   vote and the copy of the small state (RNG, buffers, scheduler) at the agreed
   step; the writer thread copies the parameters and optimizer state while the
@@ -60,12 +63,18 @@ from ckptbus._config import build  # noqa: E402
 from ckptbus._layout import withdraw  # noqa: E402
 from train import ModelConfig, TrainConfig, make_data, make_model  # noqa: E402
 
-ARMS = ("save_state", "ckptbus sync", "ckptbus async", "dd")
+ARMS = ("save_state", "ckptbus sync", "ckptbus sync crc32", "ckptbus async", "dd")
 
 
-def ckpt_config(output_dir: Path, async_save: bool) -> CheckpointConfig:
+def ckpt_config(output_dir: Path, async_save: bool, crc32: bool = False) -> CheckpointConfig:
     """Saves asked for through the API only; the ranks vote at every step (as with signals on)."""
-    block = {"enabled": False, "check_interval": 1, "event_log": False, "async_save": async_save}
+    block = {
+        "enabled": False,
+        "check_interval": 1,
+        "event_log": False,
+        "async_save": async_save,
+        "torch_save_crc32": crc32,
+    }
     return build(CheckpointConfig, {"output_dir": str(output_dir), "dynamic_checkpoint": block})
 
 
@@ -127,6 +136,10 @@ def main() -> None:
 
     root = Path(args.dir)
     ckpts, completed = sync_and_async_arms(accelerator, root, "ckptbus sync", "ckptbus async")
+    # The same synchronous save with torch.save's zip CRC32s (dynamic_checkpoint.torch_save_crc32: true).
+    ckpts["ckptbus sync crc32"] = DynamicCheckpoint(accelerator, ckpt_config(root / "sync_crc32", False, True))
+    completed["ckptbus sync crc32"] = []
+    ckpts["ckptbus sync crc32"].bus.subscribe("save_completed", completed["ckptbus sync crc32"].append)
     steps = dict.fromkeys(ckpts, 0)
     stall: dict[str, list[float]] = {arm: [] for arm in ARMS}
     extra: dict[str, list[float]] = {
@@ -135,6 +148,7 @@ def main() -> None:
         "async_write": [],
         "async_extra_wall": [],
         "ckptbus sync max over ranks": [],
+        "ckptbus sync crc32 max over ranks": [],
         "ckptbus async max over ranks": [],
         "steps_in_flight": [],
     }
@@ -193,6 +207,8 @@ def main() -> None:
         event = done[0]
         if arm == "ckptbus sync":
             extra["sync_bytes"].append(event.bytes)
+        elif arm == "ckptbus sync crc32":
+            pass
         else:
             extra["async_manifest_stall"].append(event.stall_seconds)
             extra["async_write"].append(event.write_seconds)
@@ -252,12 +268,15 @@ def main() -> None:
             "sync_mb_per_s": sync_rate / 1e6,
             "dd_mb_per_s": dd_rate / 1e6,
             "sync_throughput_over_dd": sync_rate / dd_rate,
+            "sync_crc32_throughput_over_dd": sync_rate * med["ckptbus sync"] / med["ckptbus sync crc32"] / dd_rate,
             "sync_throughput_target": 0.80,
             "first_async_stall_seconds": stall["ckptbus async"][0],
             "samples_seconds": stall,
             "async_stall_max_over_ranks_over_save_state": statistics.median(extra["ckptbus async max over ranks"][kept])
             / med["save_state"],
-            "held_max_over_ranks": {k: extra[f"{k} max over ranks"] for k in ("ckptbus sync", "ckptbus async")},
+            "held_max_over_ranks": {
+                k: extra[f"{k} max over ranks"] for k in ("ckptbus sync", "ckptbus sync crc32", "ckptbus async")
+            },
             "async_manifest_stall_over_save_state": statistics.median(extra["async_manifest_stall"][kept])
             / med["save_state"],
             "async_extra_wall_over_save_state": statistics.median(extra["async_extra_wall"][kept]) / med["save_state"],
@@ -275,6 +294,7 @@ def main() -> None:
             "async_manifest_stall_over_save_state",
             "async_extra_wall_over_save_state",
             "sync_throughput_over_dd",
+            "sync_crc32_throughput_over_dd",
         )
         print(json.dumps({k: result[k] for k in keys}, indent=2))
         shutil.rmtree(root, ignore_errors=True)

@@ -159,6 +159,11 @@ class DynamicCheckpointConfig:
     writes the files and the checkpoint is committed at a later step, once every rank finished writing. Off:
     training waits for the whole save. See docs/performance.md."""
 
+    torch_save_crc32: bool = False
+    """Whether the files ckptbus saves with ``torch.save`` (optimizer, scheduler, RNG states) carry the zip
+    CRC32 of each record. ``torch.load`` never checks it, and computing it is most of ``torch.save``'s time for
+    a large optimizer state, so it is off; ``unzip -t`` then reports CRC errors. See docs/checkpoints.md."""
+
     def __post_init__(self) -> None:
         _check(
             _whole(self.check_interval, 1),
@@ -192,6 +197,12 @@ class DynamicCheckpointConfig:
             + f", checkpoint-* or .ckptbus-*), for example {DEFAULT_TRIGGER_FILE!r}",
         )
         _check(isinstance(self.async_save, bool), "dynamic_checkpoint.async_save", self.async_save, "true or false")
+        _check(
+            isinstance(self.torch_save_crc32, bool),
+            "dynamic_checkpoint.torch_save_crc32",
+            self.torch_save_crc32,
+            "true or false",
+        )
         _check(
             self.on_save_failure in ON_SAVE_FAILURE,
             "dynamic_checkpoint.on_save_failure",

@@ -43,6 +43,7 @@ from ckptbus._coordinator import Decision
 from ckptbus._layout import checkpoint_path, commit, discard, prepare_staging, rotate, staging_path, withdraw
 
 from .async_writer import HostSnapshot, Snapshot, WriteJob, async_unsupported
+from .torch_save_crc import torch_save_crc32
 
 logger = logging.getLogger("ckptbus")
 
@@ -179,8 +180,10 @@ class AccelerateSink:
         model: torch.nn.Module | None = None,
         save_total_limit: int | None = None,
         rotate_on_demand: bool = False,
+        torch_save_crc32: bool = False,
     ) -> None:
         self.accelerator = accelerator
+        self.torch_save_crc32 = torch_save_crc32
         self.bus = bus
         self.output_dir = Path(output_dir)
         self.exchange = exchange
@@ -273,7 +276,7 @@ class AccelerateSink:
             error = self._run_agreed(what, stage)
             if error is not None:
                 return self._fail(save, error)
-        job = WriteJob(snapshot[0], save.staging)
+        job = WriteJob(snapshot[0], save.staging, torch_save_crc32=self.torch_save_crc32)
         flight = _InFlight(save, job, stall=0.0)
         for optimizer in self.accelerator._optimizers:
             # On the torch optimizer inside accelerate's wrapper: its step() is the one that changes the state.
@@ -438,7 +441,8 @@ class AccelerateSink:
 
     def _write(self, kind: str, staging: Path) -> None:
         if kind == "full":
-            self.accelerator.save_state(str(staging))
+            with torch_save_crc32(self.torch_save_crc32):  # see plugins/torch_save_crc.py
+                self.accelerator.save_state(str(staging))
             return
         model = self.model()
         self.accelerator.save_model(model, str(staging), safe_serialization=True)

@@ -50,6 +50,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, save
 
+from .torch_save_crc import torch_save_crc32
+
 # What async saves support; anything else (FSDP, DeepSpeed, XLA, other devices) saves synchronously.
 _ASYNC_TYPES = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)
 _ASYNC_DEVICES = ("cpu", "cuda")
@@ -220,9 +222,10 @@ class WriteJob:
     fsynced). ``seconds`` is the time the thread took.
     """
 
-    def __init__(self, snapshot: Snapshot, staging: Path) -> None:
+    def __init__(self, snapshot: Snapshot, staging: Path, *, torch_save_crc32: bool = False) -> None:
         self.snapshot = snapshot
         self.staging = staging
+        self.torch_save_crc32 = torch_save_crc32
         self.error: str | None = None
         self.seconds = 0.0
         self.copied = threading.Event()
@@ -253,13 +256,14 @@ class WriteJob:
             finally:
                 self.copied.set()
             written: list[Path] = []
-            for name, obj, safe in self.snapshot.shared:
-                path = self.staging / name
-                save(obj, path, save_on_each_node=self.snapshot.save_on_each_node, safe_serialization=safe)
-                written.append(path)
-            for name, obj in self.snapshot.own:
-                torch.save(obj, self.staging / name)
-                written.append(self.staging / name)
+            with torch_save_crc32(self.torch_save_crc32):  # see plugins/torch_save_crc.py
+                for name, obj, safe in self.snapshot.shared:
+                    path = self.staging / name
+                    save(obj, path, save_on_each_node=self.snapshot.save_on_each_node, safe_serialization=safe)
+                    written.append(path)
+                for name, obj in self.snapshot.own:
+                    torch.save(obj, self.staging / name)
+                    written.append(self.staging / name)
             for path in written:
                 if path.exists():  # accelerate's save writes shared files on one process only
                     fd = os.open(path, os.O_RDONLY)

@@ -130,6 +130,7 @@ class DynamicCheckpoint:
             model=model,
             save_total_limit=config.save_total_limit,
             rotate_on_demand=config.rotate_on_demand,
+            torch_save_crc32=dyn.torch_save_crc32,
         )
         if self._async_save:
             why = self._sink.async_unsupported()

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -323,3 +324,98 @@ def raw_exchange(path: str | os.PathLike[str], data: bytes, *, end_input: bool =
 def reply_lines(answer: bytes) -> list[dict[str, Any]]:
     """The JSON lines of a socket answer."""
     return [json.loads(line) for line in answer.splitlines() if line.strip()]
+
+
+# -- ranks started one by one, without a launcher --------------------------------------
+
+
+@dataclass
+class Rank:
+    returncode: int | None
+    output: str
+    result: dict[str, Any] | None
+
+
+def run_ranks(
+    tmp_path: Path,
+    script: Path,
+    *args: str,
+    world_size: int = 2,
+    name: str | None = None,
+    env: dict[str, str] | None = None,
+    wrap: dict[int, list[str]] | None = None,
+    unreaped: frozenset[int] = frozenset(),
+    timeout: float = 60.0,
+) -> list[Rank]:
+    """Run ``world_size`` ranks of ``script`` over gloo until all exit; their results and outputs.
+
+    Each rank runs ``python script *args RESULT`` with the environment of a
+    torchrun worker on 127.0.0.1 (``RANK``, ``WORLD_SIZE``, ...), in its own
+    session, its output in ``<name>-rank<r>.log``; ``RESULT`` is
+    ``<name>-rank<r>.json`` in ``tmp_path``, read back if the rank wrote it.
+
+    ``wrap[rank]`` is a command line put before that rank's ``python``. The
+    ranks are reaped as soon as they exit (a rank that is gone must not stay
+    a zombie the others still see), except those in ``unreaped``: they are
+    reaped only once every other rank has exited, like a launcher that waits
+    for its ranks in order. Ranks that outlive ``timeout`` are killed with
+    their process groups.
+    """
+    name = name or (args[0] if args else script.stem)
+    port = free_port()
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    try:
+        for rank in range(world_size):
+            rank_env = dict(os.environ)
+            rank_env.pop("ACCELERATE_USE_CPU", None)
+            rank_env.pop("CKPTBUS_VOTES", None)
+            rank_env.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                LOCAL_WORLD_SIZE=str(world_size),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                OMP_NUM_THREADS="1",
+            )
+            rank_env.update(env or {})
+            log = tmp_path / f"{name}-rank{rank}.log"
+            logs.append(log)
+            command = [*(wrap or {}).get(rank, []), sys.executable, str(script), *args]
+            command.append(str(tmp_path / f"{name}-rank{rank}.json"))
+            with log.open("wb") as out:
+                procs.append(
+                    subprocess.Popen(
+                        command, cwd=REPO, env=rank_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    )
+                )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            # Poll every rank each time (any() would stop at the first one running and leave zombies).
+            running = [p.poll() is None for r, p in enumerate(procs) if r not in unreaped]
+            if not any(running) and all(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=30)
+    ranks = []
+    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
+        path = tmp_path / f"{name}-rank{rank}.json"
+        result = json.loads(path.read_text()) if path.exists() else None
+        ranks.append(Rank(p.returncode, log.read_text(errors="replace"), result))
+    return ranks
+
+
+def results_of(ranks: list[Rank]) -> list[dict[str, Any]]:
+    """The results of ranks that all exited 0 and wrote one (else the test fails with their outputs)."""
+    outputs = "\n".join(f"--- rank {r} (exit {rank.returncode}):\n{rank.output}" for r, rank in enumerate(ranks))
+    assert [rank.returncode for rank in ranks] == [0] * len(ranks), outputs
+    results = [rank.result for rank in ranks]
+    assert all(result is not None for result in results), outputs
+    for r, result in enumerate(results):
+        assert result is not None and result["rank"] == r and result["world_size"] == len(ranks)
+    return [result for result in results if result is not None]

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from launch import REPO, free_port
+from launch import results_of, run_ranks
 
 from ckptbus import SaveRequested
 from ckptbus._coordinator import (
@@ -436,39 +431,7 @@ def test_without_every_step_start_exchange_changes_nothing() -> None:
 
 @pytest.mark.slow
 def test_two_ranks_agree_over_gloo_and_a_failed_exchange_keeps_the_request(tmp_path: Path) -> None:
-    port = free_port()
-    procs = []
-    for rank in (0, 1):
-        env = dict(os.environ)
-        env.pop("ACCELERATE_USE_CPU", None)
-        env.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE="2",
-            LOCAL_WORLD_SIZE="2",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            OMP_NUM_THREADS="1",
-        )
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(SCRIPTS / "coordinator_rank.py"), str(tmp_path / f"rank{rank}.json")],
-                cwd=REPO,
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-    try:
-        outputs = [p.communicate(timeout=180)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    results: list[dict[str, Any]] = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    results = results_of(run_ranks(tmp_path, SCRIPTS / "coordinator_rank.py", timeout=180))
     for rank, result in enumerate(results):
         assert result["rank"] == rank and result["world_size"] == 2
         assert result["step3"] is None

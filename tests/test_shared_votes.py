@@ -7,19 +7,13 @@ checks them together.
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import subprocess
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from ckptbus.plugins.shared_votes import VOTES_ENV, SharedVotes, shared_memory_dir
-from launch import REPO, free_port
+from launch import results_of, run_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "shared_votes_rank.py"
 LENGTH = 10
@@ -42,91 +36,6 @@ def vote_of(rank: int, round_: int) -> list[int]:
     vote = [((round_ * 7 + rank * 3 + slot * 5) % 11) - 5 for slot in range(LENGTH)]
     vote[-1] = (rank + 1) * 2**40 * (1 if (round_ + rank) % 2 else -1)
     return vote
-
-
-@dataclass
-class Rank:
-    returncode: int | None
-    output: str
-    result: dict[str, Any] | None
-
-
-def run_ranks(
-    tmp_path: Path,
-    scenario: str,
-    world_size: int = 2,
-    *,
-    env: dict[str, str] | None = None,
-    wrap: dict[int, list[str]] | None = None,
-    unreaped: frozenset[int] = frozenset(),
-    timeout: float = 60.0,
-) -> list[Rank]:
-    """Run ``world_size`` ranks of the script with ``scenario`` until all exit; their results and outputs.
-
-    ``wrap[rank]`` is a command line put before that rank's ``python``. The
-    ranks are reaped as soon as they exit (a rank that is gone must not stay
-    a zombie the others still see), except those in ``unreaped``: they are
-    reaped only once every other rank has exited, like a launcher that waits
-    for its ranks in order. Ranks that outlive ``timeout`` are killed with
-    their process groups.
-    """
-    port = free_port()
-    procs: list[subprocess.Popen[bytes]] = []
-    logs: list[Path] = []
-    try:
-        for rank in range(world_size):
-            rank_env = dict(os.environ)
-            rank_env.pop("ACCELERATE_USE_CPU", None)
-            rank_env.pop(VOTES_ENV, None)
-            rank_env.update(
-                RANK=str(rank),
-                LOCAL_RANK=str(rank),
-                WORLD_SIZE=str(world_size),
-                LOCAL_WORLD_SIZE=str(world_size),
-                MASTER_ADDR="127.0.0.1",
-                MASTER_PORT=str(port),
-                OMP_NUM_THREADS="1",
-            )
-            rank_env.update(env or {})
-            log = tmp_path / f"{scenario}-rank{rank}.log"
-            logs.append(log)
-            command = [*(wrap or {}).get(rank, []), sys.executable, str(SCRIPT), scenario]
-            command.append(str(tmp_path / f"{scenario}-rank{rank}.json"))
-            with log.open("wb") as out:
-                procs.append(
-                    subprocess.Popen(
-                        command, cwd=REPO, env=rank_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-                    )
-                )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            # Poll every rank each time (any() would stop at the first one running and leave zombies).
-            running = [p.poll() is None for r, p in enumerate(procs) if r not in unreaped]
-            if not any(running) and all(p.poll() is not None for p in procs):
-                break
-            time.sleep(0.02)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=30)
-    ranks = []
-    for rank, (p, log) in enumerate(zip(procs, logs, strict=True)):
-        path = tmp_path / f"{scenario}-rank{rank}.json"
-        result = json.loads(path.read_text()) if path.exists() else None
-        ranks.append(Rank(p.returncode, log.read_text(errors="replace"), result))
-    return ranks
-
-
-def results_of(ranks: list[Rank]) -> list[dict[str, Any]]:
-    """The results of ranks that all exited 0 and wrote one (else the test fails with their outputs)."""
-    outputs = "\n".join(f"--- rank {r} (exit {rank.returncode}):\n{rank.output}" for r, rank in enumerate(ranks))
-    assert [rank.returncode for rank in ranks] == [0] * len(ranks), outputs
-    results = [rank.result for rank in ranks]
-    assert all(result is not None for result in results), outputs
-    for r, result in enumerate(results):
-        assert result is not None and result["rank"] == r and result["world_size"] == len(ranks)
-    return [result for result in results if result is not None]
 
 
 def deleted_vote_file(links: list[str]) -> str:
@@ -162,7 +71,7 @@ def test_three_ranks_agree_on_every_vote_blocking_and_pipelined(tmp_path: Path) 
     The vote file is unlinked once open returns (the descriptors keep it) and
     closed by ``close``.
     """
-    results = results_of(run_ranks(tmp_path, "agree", 3))
+    results = results_of(run_ranks(tmp_path, SCRIPT, "agree", world_size=3))
     assert [result["opened"] for result in results] == [True] * 3
     assert all(result["exchange_after_open"] == [21, 0] for result in results)
     assert all(result["open_seconds"] < 10 for result in results)
@@ -190,7 +99,7 @@ def test_three_ranks_agree_on_every_vote_blocking_and_pipelined(tmp_path: Path) 
 @pytest.mark.slow
 def test_a_rank_that_closed_makes_the_others_raise_left_the_run(tmp_path: Path) -> None:
     """Rank 1 closes and stays alive; rank 0's next vote raises at once instead of waiting for the timeout."""
-    rank0, rank1 = results_of(run_ranks(tmp_path, "closed"))
+    rank0, rank1 = results_of(run_ranks(tmp_path, SCRIPT, "closed"))
     assert rank0["opened"] and rank1["opened"]
     expected = [[max(a, b) for a, b in zip(vote_of(0, r), vote_of(1, r), strict=True)] for r in range(3)]
     assert rank0["warmup"] == rank1["warmup"] == expected
@@ -204,7 +113,7 @@ def test_a_rank_that_closed_makes_the_others_raise_left_the_run(tmp_path: Path) 
 @pytest.mark.slow
 def test_a_rank_whose_process_is_gone_makes_the_others_raise(tmp_path: Path) -> None:
     """Rank 1 exits without closing its votes; rank 0's next vote raises 'is gone' within seconds."""
-    rank0, rank1 = results_of(run_ranks(tmp_path, "gone"))
+    rank0, rank1 = results_of(run_ranks(tmp_path, SCRIPT, "gone"))
     assert rank0["warmup"] == rank1["warmup"]
     assert "vote" not in rank0
     assert rank0["error"].startswith(f"SharedVotesError: rank 1 (pid {rank1['pid']}) is gone; its vote 4 never came")
@@ -218,7 +127,7 @@ def test_a_rank_that_exited_but_is_not_reaped_yet_is_gone_too(tmp_path: Path) ->
     Its process is gone, but its pid is a zombie until the launcher waits on
     it. Rank 0 (open with a 3 s timeout) should still say 'is gone'.
     """
-    rank0, rank1 = results_of(run_ranks(tmp_path, "gone_unreaped", unreaped=frozenset({1})))
+    rank0, rank1 = results_of(run_ranks(tmp_path, SCRIPT, "gone_unreaped", unreaped=frozenset({1})))
     assert rank0["warmup"] == rank1["warmup"]
     assert rank0["error"].startswith(f"SharedVotesError: rank 1 (pid {rank1['pid']}) is gone"), rank0["error"]
     assert rank0["elapsed"] < 2.5, "seen at the first liveness check, not at the timeout"
@@ -227,7 +136,7 @@ def test_a_rank_that_exited_but_is_not_reaped_yet_is_gone_too(tmp_path: Path) ->
 @pytest.mark.slow
 def test_a_rank_that_does_not_vote_makes_the_others_raise_after_the_timeout(tmp_path: Path) -> None:
     """Rank 1 is alive but does not vote; rank 0 gives up after the timeout of open (1.5 s), not before."""
-    rank0, rank1 = results_of(run_ranks(tmp_path, "timeout"))
+    rank0, rank1 = results_of(run_ranks(tmp_path, SCRIPT, "timeout"))
     assert rank0["warmup"] == rank1["warmup"]
     assert "vote" not in rank0
     assert rank0["error"].startswith("SharedVotesError: rank 1 did not vote within ")
@@ -242,7 +151,7 @@ def test_votes_of_the_wrong_length_and_ranks_out_of_step_are_refused(tmp_path: P
     Rank 1 starts 17 votes without reading them, so its slot for the next vote
     holds a newer one: rank 0 must raise instead of combining it.
     """
-    rank0, rank1 = results_of(run_ranks(tmp_path, "mismatch"))
+    rank0, rank1 = results_of(run_ranks(tmp_path, SCRIPT, "mismatch"))
     for result in (rank0, rank1):
         assert result["wrong_length"] == "ValueError: vote has 3 ints, the shared votes take 10"
         assert result["after_wrong_length"] == [max(a, b) for a, b in zip(vote_of(0, 3), vote_of(1, 3), strict=True)]
@@ -253,7 +162,7 @@ def test_votes_of_the_wrong_length_and_ranks_out_of_step_are_refused(tmp_path: P
 
 @pytest.mark.slow
 def test_collective_in_the_environment_turns_shared_votes_off(tmp_path: Path) -> None:
-    results = results_of(run_ranks(tmp_path, "forced_collective", env={VOTES_ENV: "collective"}))
+    results = results_of(run_ranks(tmp_path, SCRIPT, "forced_collective", env={VOTES_ENV: "collective"}))
     assert [result["opened"] for result in results] == [False, False]
     assert [result["links_after_open"] for result in results] == [[], []], "no vote file was made"
     assert all(result["exchange_after_open"] == [11, 0] for result in results)
@@ -290,7 +199,7 @@ def test_ranks_on_separate_machines_fall_back_to_collectives(tmp_path: Path, pri
     if problem:
         pytest.skip(problem)
     wrap = UNSHARE_PRIVATE_SHM if private == "shm" else UNSHARE_PRIVATE_PIDS
-    ranks = run_ranks(tmp_path, "separate_machines", wrap={1: wrap})
+    ranks = run_ranks(tmp_path, SCRIPT, "separate_machines", wrap={1: wrap})
     results = results_of(ranks)
     assert [result["opened"] for result in results] == [False, False]
     if private == "shm":
