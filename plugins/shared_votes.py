@@ -61,7 +61,7 @@ _WORD = struct.Struct("<q")
 _TOKEN_WORDS = 2  # 16 random bytes that prove a rank opened rank 0's file
 _CLOSED = -1  # a rank's pid word once it closed its votes
 _LIVENESS_SECONDS = 0.5  # how often a waiting rank checks that the ranks it waits for still exist
-_MAX_SLEEP = 0.001
+_MAX_SLEEP = 0.0002  # a wait overshoots the peer's vote by at most this
 
 Exchange = Callable[[Sequence[int]], list[int]]
 
