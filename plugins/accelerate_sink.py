@@ -61,16 +61,30 @@ class TorchExchange:
     def __init__(self, accelerator: Accelerator) -> None:
         self.world_size = accelerator.num_processes
         self.device = torch.device("cpu")
+        self.group: Any = None  # the default process group
         if self.world_size > 1 and dist.get_backend() == "nccl":
             self.device = accelerator.device
 
     @classmethod
-    def of(cls, world_size: int, device: torch.device) -> TorchExchange:
+    def of(cls, world_size: int, device: torch.device, group: Any = None) -> TorchExchange:
         """The exchange of a run with ``world_size`` ranks whose tensors for collectives live on ``device``."""
         exchange = cls.__new__(cls)
         exchange.world_size = world_size
         exchange.device = device
+        exchange.group = group
         return exchange
+
+    def on_host(self) -> TorchExchange:
+        """An exchange for per-step votes that never waits for the GPU. Collective: every rank calls it.
+
+        Over NCCL the vote lives on the GPU, and reading it makes the host
+        wait for all the GPU work queued before it, at every step. A gloo
+        group over the same ranks keeps the vote on the host. Where the
+        backend is gloo already (or gloo is missing) this exchange is returned.
+        """
+        if self.world_size == 1 or self.device.type == "cpu" or not dist.is_gloo_available():
+            return self
+        return TorchExchange.of(self.world_size, torch.device("cpu"), dist.new_group(backend="gloo"))
 
     def __call__(self, vote: Sequence[int]) -> list[int]:
         return self.start(vote).wait()
@@ -80,7 +94,7 @@ class TorchExchange:
         if self.world_size == 1:
             return _StartedVote(None, list(vote))
         tensor = torch.tensor(list(vote), dtype=torch.int64, device=self.device)
-        return _StartedVote(dist.all_reduce(tensor, op=dist.ReduceOp.MAX, async_op=True), tensor)
+        return _StartedVote(dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True), tensor)
 
 
 class _StartedVote:

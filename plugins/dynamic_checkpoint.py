@@ -109,7 +109,8 @@ class DynamicCheckpoint:
             if accelerator.is_main_process:
                 channel = "shared memory" if self._votes is not None else "collective"
                 logger.info("ckptbus: the %d ranks vote through %s", exchange.world_size, channel)
-        votes = self._votes or exchange
+        # Between machines: a collective, kept off the GPU (a gloo group when the backend is NCCL).
+        votes = self._votes or (exchange.on_host() if dyn.enabled else exchange)
         self._coordinator = Coordinator(
             votes,
             check_interval=dyn.check_interval,

@@ -358,7 +358,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         if self._world_size > 1 and self._rank == 0:
             channel = "shared memory" if self._votes is not None else "collective"
             logger.info("ckptbus: the %d ranks vote through %s", self._world_size, channel)
-        votes = self._votes or collective
+        votes = self._votes or collective.on_host()  # between machines: off the GPU (TorchExchange.on_host)
         self._coordinator.exchange = votes
         self._coordinator.start_exchange = votes.start if self._world_size > 1 else None
         self.output_dir.mkdir(parents=True, exist_ok=True)

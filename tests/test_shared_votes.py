@@ -161,11 +161,17 @@ def test_votes_of_the_wrong_length_and_ranks_out_of_step_are_refused(tmp_path: P
 
 
 @pytest.mark.slow
-def test_collective_in_the_environment_turns_shared_votes_off(tmp_path: Path) -> None:
+def test_collective_in_the_environment_turns_shared_votes_off_and_nccl_votes_stay_on_the_host(tmp_path: Path) -> None:
     results = results_of(run_ranks(tmp_path, SCRIPT, "forced_collective", env={VOTES_ENV: "collective"}))
     assert [result["opened"] for result in results] == [False, False]
     assert [result["links_after_open"] for result in results] == [[], []], "no vote file was made"
     assert all(result["exchange_after_open"] == [11, 0] for result in results)
+    # The collective votes of an NCCL run go through a gloo group on the host (TorchExchange.on_host).
+    expected = [[max(a, b) for a, b in zip(vote_of(0, r), vote_of(1, r), strict=True)] for r in range(4)]
+    for result in results:
+        assert result["on_host_of_gloo_is_itself"] is True
+        assert (result["on_host_device"], result["on_host_group_size"]) == ("cpu", 2)
+        assert result["on_host_votes"] == expected
 
 
 def unshare_problem() -> str:

@@ -22,6 +22,7 @@ import time
 from datetime import timedelta
 from typing import Any
 
+import torch
 from accelerate import Accelerator
 from ckptbus.plugins.accelerate_sink import TorchExchange
 from ckptbus.plugins.shared_votes import SharedVotes, SharedVotesError
@@ -133,6 +134,15 @@ def main() -> None:
     result["exchange_after_open"] = exchange([rank * 10 + 1, -rank])
 
     if votes is None:
+        if scenario == "forced_collective":
+            # Votes between machines stay off the GPU: over NCCL, on_host() makes a gloo group for them. NCCL
+            # cannot run here, so the exchange only says its tensors live on CUDA (none is ever made on it).
+            result["on_host_of_gloo_is_itself"] = exchange.on_host() is exchange
+            host = TorchExchange.of(world_size, torch.device("cuda")).on_host()
+            result["on_host_device"] = str(host.device)
+            result["on_host_group_size"] = torch.distributed.get_world_size(host.group) if host.group else 0
+            result["on_host_votes"] = [host(vote_of(rank, r)) for r in range(3)]
+            result["on_host_votes"].append(host.start(vote_of(rank, 3)).wait())
         finish(result, result_path)
         return
 
