@@ -115,12 +115,15 @@ class SharedVotes:
         run set another), so a long evaluation on one rank is no more fatal
         than with a collective.
         """
-        timeout = timeout or process_group_timeout()
         if world_size < 2:
             return None
+        timeout = timeout or process_group_timeout()
         # Asked on every rank, so that all of them take the same path (one rank alone skipping the set-up's
         # collectives would leave the others waiting in them).
-        if exchange([int(os.environ.get(VOTES_ENV, "auto") == "collective")])[0]:
+        wanted = os.environ.get(VOTES_ENV, "auto").strip().lower() or "auto"
+        if wanted not in ("auto", "collective"):
+            logger.warning("ckptbus: %s=%r is neither 'auto' nor 'collective'; using 'auto'", VOTES_ENV, wanted)
+        if exchange([int(wanted == "collective")])[0]:
             return None
         size = _file_words(world_size, length) * _WORD.size
         name = [""]
