@@ -46,6 +46,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def accelerate_launch(script: Path | str, *args: str, processes: int = 2) -> list[str]:
+    """``accelerate launch`` of ``script`` with ``args`` on ``processes`` CPU ranks (``--multi_gpu`` from 2),
+    on a free port."""
+    multi = ["--multi_gpu"] if processes > 1 else []
+    return [
+        str(BIN / "accelerate"),
+        "launch",
+        *multi,
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (from /proc), children first-level order."""
     children: dict[int, list[int]] = {}
@@ -106,27 +123,8 @@ class TrainingRun:
         self.processes = processes
         if launcher == "python":
             cmd = [sys.executable, str(REPO / "train.py")]
-        elif processes == 1:
-            cmd = [
-                str(BIN / "accelerate"),
-                "launch",
-                "--num_processes",
-                "1",
-                "--main_process_port",
-                str(free_port()),
-                str(REPO / "train.py"),
-            ]
         else:
-            cmd = [
-                str(BIN / "accelerate"),
-                "launch",
-                "--multi_gpu",
-                "--num_processes",
-                str(processes),
-                "--main_process_port",
-                str(free_port()),
-                str(REPO / "train.py"),
-            ]
+            cmd = accelerate_launch(REPO / "train.py", processes=processes)
         self.cmd = [*cmd, "--config", str(self.config_path), *(extra_args or [])]
         self.proc: subprocess.Popen[bytes] | None = None
 

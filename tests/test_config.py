@@ -75,6 +75,7 @@ def test_the_seed_example_and_script_keys(tmp_path: Path) -> None:
 @pytest.mark.slow  # imports train.py, hence torch and transformers
 def test_every_shipped_config_loads_with_train_py_keys() -> None:
     from train import TrainConfig
+
     for path in sorted((REPO / "configs").glob("*.yaml")):
         cfg, train = load_config(path, TrainConfig)
         assert cfg.dynamic_checkpoint.enabled, path

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from launch import BIN, REPO, TrainingRun, free_port
+from launch import BIN, REPO, TrainingRun, accelerate_launch, free_port
 
 MARKER = re.compile(r"^<!-- test: (?P<kind>[a-z]+)(?P<options>[^>]*)-->\s*$")
 FENCE = re.compile(r"^(?P<fence>```+|~~~+)")
@@ -127,20 +127,7 @@ class Page:
             run = TrainingRun(self.workdir, name="make-train")
             run.config_path.unlink()  # the run uses configs/tiny.yaml itself, as `make train` does
             run.output_dir = self.workdir / "outputs" / "tiny"
-            run.cmd = [
-                str(BIN / "accelerate"),
-                "launch",
-                "--multi_gpu",
-                "--num_processes",
-                "2",
-                "--main_process_port",
-                str(free_port()),
-                "train.py",
-                "--config",
-                "configs/tiny.yaml",
-                "--max-steps",
-                "100000",
-            ]
+            run.cmd = accelerate_launch("train.py", "--config", "configs/tiny.yaml", "--max-steps", "100000")
             self.run = run.start()
             self.run.wait_for_step(12, timeout=TIMEOUT)
         return self.run

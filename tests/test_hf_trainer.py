@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from launch import BIN, TrainingRun, free_port, read_jsonl
+from launch import BIN, TrainingRun, accelerate_launch, read_jsonl
 
 from ckptbus import CheckpointError, ConfigError, SetupError, list_checkpoints, read_checkpoint
 
@@ -133,18 +133,7 @@ def trainer_run(tmp_path: Path) -> Iterator[Callable[..., TrainingRun]]:
         config.update(output_dir=str(tmp_path / "out"), max_steps=max_steps)
         config["dynamic_checkpoint"]["check_interval"] = 5
         run = TrainingRun(tmp_path, name=f"trainer{len(runs)}", config=config, raw_config=True)
-        run.cmd = [
-            str(BIN / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            str(free_port()),
-            str(SCRIPT),
-            str(run.config_path),
-            *args,
-        ]
+        run.cmd = accelerate_launch(SCRIPT, str(run.config_path), *args)
         runs.append(run.start())
         return run
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launch import BIN, TrainingRun, free_port
+from launch import TrainingRun, accelerate_launch
 
 from ckptbus import list_checkpoints
 
@@ -31,18 +31,7 @@ def user_loop(tmp_path: Path) -> Iterator[Callable[..., TrainingRun]]:
     def start(*args: str) -> TrainingRun:
         run = TrainingRun(tmp_path, name=f"user{len(runs)}")
         run.config_path.unlink()  # the script takes no config file
-        run.cmd = [
-            str(BIN / "accelerate"),
-            "launch",
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            str(free_port()),
-            str(SCRIPT),
-            str(run.output_dir),
-            *args,
-        ]
+        run.cmd = accelerate_launch(SCRIPT, str(run.output_dir), *args)
         runs.append(run.start())
         return run
 
