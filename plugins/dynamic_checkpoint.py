@@ -40,6 +40,7 @@ from ckptbus._source import TriggerSource, close_all
 
 from .accelerate_sink import AccelerateSink, TorchExchange, check_world
 from .file_trigger import FileTrigger
+from .output_dir_layout import check_output_dir_layout
 from .shared_votes import SharedVotes
 from .signals import SignalTrigger
 from .unix_socket import UnixSocketTrigger
@@ -82,6 +83,14 @@ class DynamicCheckpoint:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir_layout(
+            self.output_dir,
+            TorchExchange(accelerator),
+            world_size=accelerator.num_processes,
+            is_main=accelerator.is_main_process,
+            is_local_main=accelerator.is_local_main_process,
+            save_on_each_node=bool(accelerator.project_configuration.save_on_each_node),
+        )
         self.bus = Bus()
         """The run's bus: subscribe to ``save_completed`` and friends here."""
         self._last_step = 0

@@ -82,6 +82,7 @@ from ckptbus._source import TriggerSource, close_all
 
 from .accelerate_sink import TorchExchange
 from .file_trigger import FileTrigger
+from .output_dir_layout import check_output_dir_layout
 from .shared_votes import SharedVotes
 from .signals import SignalTrigger
 from .unix_socket import UnixSocketTrigger
@@ -352,8 +353,17 @@ class DynamicCheckpointCallback(TrainerCallback):
                 )
             if dist.get_backend() == "nccl":
                 self._device = args.device
-        # Shared-memory and pipelined votes, as in DynamicCheckpoint (the world size is known only now).
         collective = TorchExchange.of(self._world_size, self._device)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir_layout(
+            self.output_dir,
+            collective,
+            world_size=self._world_size,
+            is_main=self._rank == 0,
+            is_local_main=int(args.local_process_index) == 0,
+            save_on_each_node=bool(args.save_on_each_node),
+        )
+        # Shared-memory and pipelined votes, as in DynamicCheckpoint (the world size is known only now).
         self._votes = SharedVotes.open(self._rank, self._world_size, VOTE_LENGTH, collective)
         if self._world_size > 1 and self._rank == 0:
             channel = "shared memory" if self._votes is not None else "collective"
@@ -361,7 +371,6 @@ class DynamicCheckpointCallback(TrainerCallback):
         votes = self._votes or collective.on_host()  # between machines: off the GPU (TorchExchange.on_host)
         self._coordinator.exchange = votes
         self._coordinator.start_exchange = votes.start if self._world_size > 1 else None
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         main = self._rank == 0
         dyn = self.config.dynamic_checkpoint
         self._last_step = int(state.global_step)

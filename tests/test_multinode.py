@@ -142,3 +142,26 @@ def test_nodes_that_hold_different_latest_checkpoints_refuse_to_resume(nodes: No
         assert "ranks found different checkpoints for 'latest' (steps 10 to 20)" in run.log(), run.log_tail()
         assert "exitcode  : 2" in run.log()
     assert len(second[0].metrics()) == 20, "nothing trained after the refusal"
+
+
+@pytest.mark.parametrize("layout", ["shared dir, save_on_each_node", "dir per node, no save_on_each_node"])
+def test_an_output_dir_that_does_not_match_save_on_each_node_is_refused_at_start(
+    nodes: Nodes, tmp_path: Path, layout: str
+) -> None:
+    """Found at start-up, before any step, instead of at the first save: every node exits 2 with the reason."""
+    if layout.startswith("shared"):
+        outs = [tmp_path / "shared"] * 2
+        config: dict[str, Any] = {**DATA, "save_on_each_node": True}
+        reason = "is shared between machines"
+    else:
+        outs = [tmp_path / "node0", tmp_path / "node1"]
+        config = {**DATA}
+        reason = "is not shared between machines"
+    runs = nodes(outs, config)
+    finish(runs, expect=1)  # accelerate's launcher reports the ranks' status 2 as 1
+    for run in runs:
+        assert reason in run.log(), run.log_tail()
+        assert run.last_step() == 0, "no step ran"
+    for out in set(outs):
+        assert list_checkpoints(out) == []
+        assert not [p for p in out.iterdir() if p.name.startswith(".ckptbus-")], "the probe was removed"
