@@ -171,6 +171,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         # The save agreed at on_step_end and waiting for the Trainer's on_save: (decision, kind, started).
         self._pending: tuple[Decision, SaveKind, float] | None = None
         self._restore_save_only_model: bool | None = None
+        self._restore_crc32: bool | None = None  # torch.save's CRC32 setting before a ckptbus-agreed save
         self._args: TrainingArguments | None = None
 
     @classmethod
@@ -305,7 +306,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         if not self._running:
             return
         step = int(state.global_step)
-        self._put_back_save_only_model()
+        self._put_back_save_settings()
         pending = self._pending if self._pending is not None and self._pending[0].step == step else None
         self._pending = None
         if pending is None:  # the Trainer's own save_strategy
@@ -421,6 +422,11 @@ class DynamicCheckpointCallback(TrainerCallback):
         if kind == "weights" and not args.save_only_model:
             self._restore_save_only_model = False
             args.save_only_model = True
+        if not self.config.dynamic_checkpoint.torch_save_crc32 and self._restore_crc32 is None:
+            # The Trainer's torch.save files of this save without zip CRC32s, as DynamicCheckpoint writes them
+            # (plugins/torch_save_crc.py); put back once the Trainer saved (on_save) or did not (_fail_unsaved).
+            self._restore_crc32 = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
         self._pending = (decision, kind, time.perf_counter())
         control.should_save = True
         logger.debug("ckptbus: rank %d: the Trainer saves a %s checkpoint at step %d", self._rank, kind, step)
@@ -531,14 +537,17 @@ class DynamicCheckpointCallback(TrainerCallback):
             return
         decision, kind, _ = self._pending
         self._pending = None
-        self._put_back_save_only_model()
+        self._put_back_save_settings()
         self.bus.publish(SaveFailed(error=why, **self._common(decision, kind)))
 
-    def _put_back_save_only_model(self) -> None:
-        """Undo the ``save_only_model`` that a weights save set for one save."""
+    def _put_back_save_settings(self) -> None:
+        """Undo what one agreed save changed: ``save_only_model`` (a weights save), torch.save's CRC32 setting."""
         if self._restore_save_only_model is not None and self._args is not None:
             self._args.save_only_model = self._restore_save_only_model
         self._restore_save_only_model = None
+        if self._restore_crc32 is not None:
+            torch.serialization.set_crc32_options(self._restore_crc32)
+        self._restore_crc32 = None
 
     def _shutdown(self, why: str) -> None:
         self._running = False

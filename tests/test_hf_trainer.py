@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import yaml
 from launch import BIN, TrainingRun, accelerate_launch, read_jsonl
+from test_torch_save_crc import bad_crc_records
 
 from ckptbus import CheckpointError, ConfigError, SetupError, list_checkpoints, read_checkpoint
 
@@ -156,6 +157,8 @@ def test_trainer_file_socket_ctrl_c_then_resume(trainer_run: Callable[..., Train
     assert {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json"} <= names, names
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= names  # every rank's part is in before the manifest
     assert not (out / "axolotl_checkpoint.save").exists()
+    # The Trainer wrote it without torch.save's zip CRC32s, as ckptbus saves are (torch_save_crc32: false).
+    assert bad_crc_records(by_file.path / "optimizer.pt"), "optimizer.pt still carries CRC32s"
 
     # `ckptbus request` over the socket: the reply is the path, once the Trainer's checkpoint is complete.
     request = subprocess.run(

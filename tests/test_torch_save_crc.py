@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.slow  # torch
 
 
-def _bad_crc_records(path: Path) -> list[str]:
+def bad_crc_records(path: Path) -> list[str]:
     """Records of the zip ``path`` whose stored CRC32 does not match their bytes."""
     bad = []
     with zipfile.ZipFile(path) as archive:
@@ -73,7 +73,7 @@ def test_torch_save_files_carry_crc32s_only_when_asked_and_load_either_way(
             expected = states[done[0].step]
         assert torch.serialization.get_crc32_options() is True, "the process-wide setting was not put back"
         path = Path(done[0].path)
-        bad = _bad_crc_records(path / "optimizer.bin")
+        bad = bad_crc_records(path / "optimizer.bin")
         if crc32:
             assert bad == []
         else:
