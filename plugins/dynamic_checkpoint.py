@@ -33,7 +33,7 @@ from ckptbus import (
     SaveKind,
     SaveRequested,
 )
-from ckptbus._coordinator import VOTE_LENGTH, Coordinator, Decision, exit_status
+from ckptbus._coordinator import Coordinator, Decision, exit_status
 from ckptbus._eventlog import EVENT_LOG_NAME
 from ckptbus._layout import CheckpointInfo, clean_leftovers, latest_full, read_checkpoint
 from ckptbus._source import TriggerSource, close_all
@@ -41,7 +41,7 @@ from ckptbus._source import TriggerSource, close_all
 from .accelerate_sink import AccelerateSink, TorchExchange, check_world
 from .file_trigger import FileTrigger
 from .output_dir_layout import check_output_dir_layout
-from .shared_votes import SharedVotes
+from .shared_votes import open_votes
 from .signals import SignalTrigger
 from .unix_socket import UnixSocketTrigger
 
@@ -83,9 +83,10 @@ class DynamicCheckpoint:
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        exchange = TorchExchange(accelerator)
         check_output_dir_layout(
             self.output_dir,
-            TorchExchange(accelerator),
+            exchange,
             world_size=accelerator.num_processes,
             is_main=accelerator.is_main_process,
             is_local_main=accelerator.is_local_main_process,
@@ -109,17 +110,9 @@ class DynamicCheckpoint:
             self._signals = SignalTrigger(
                 self.bus, dyn.signals.actions(), debounce_seconds=dyn.signals.debounce_seconds
             )
-        exchange = TorchExchange(accelerator)
-        # Ranks on one machine vote through shared memory, not a collective (plugins/shared_votes.py): a signal
-        # must be honoured on every rank within a step, so with signals on they vote at every step.
-        self._votes: SharedVotes | None = None
-        if dyn.enabled and exchange.world_size > 1:
-            self._votes = SharedVotes.open(accelerator.process_index, exchange.world_size, VOTE_LENGTH, exchange)
-            if accelerator.is_main_process:
-                channel = "shared memory" if self._votes is not None else "collective"
-                logger.info("ckptbus: the %d ranks vote through %s", exchange.world_size, channel)
-        # Between machines: a collective, kept off the GPU (a gloo group when the backend is NCCL).
-        votes = self._votes or (exchange.on_host() if dyn.enabled else exchange)
+        # Ranks on one machine vote through shared memory, between machines through a collective kept off the GPU
+        # (plugins/shared_votes.py); with signals on they vote at every step, to honour a signal within a step.
+        self._votes, votes = open_votes(accelerator.process_index, exchange)
         self._coordinator = Coordinator(
             votes,
             check_interval=dyn.check_interval,

@@ -39,6 +39,7 @@ complete only with the manifest, written last, so :meth:`resume_checkpoint`,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -67,7 +68,7 @@ from ckptbus import (
     SetupError,
 )
 from ckptbus._config import build, read_yaml
-from ckptbus._coordinator import VOTE_LENGTH, Coordinator, Decision, exit_status
+from ckptbus._coordinator import Coordinator, Decision, exit_status
 from ckptbus._eventlog import EVENT_LOG_NAME
 from ckptbus._layout import (
     MANIFEST_NAME,
@@ -83,8 +84,9 @@ from ckptbus._source import TriggerSource, close_all
 from .accelerate_sink import TorchExchange
 from .file_trigger import FileTrigger
 from .output_dir_layout import check_output_dir_layout
-from .shared_votes import SharedVotes
+from .shared_votes import SharedVotes, open_votes
 from .signals import SignalTrigger
+from .torch_save_crc import torch_save_crc32
 from .unix_socket import UnixSocketTrigger
 
 logger = logging.getLogger("ckptbus")
@@ -171,7 +173,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         # The save agreed at on_step_end and waiting for the Trainer's on_save: (decision, kind, started).
         self._pending: tuple[Decision, SaveKind, float] | None = None
         self._restore_save_only_model: bool | None = None
-        self._restore_crc32: bool | None = None  # torch.save's CRC32 setting before a ckptbus-agreed save
+        self._save_settings = contextlib.ExitStack()  # what an agreed save switched until the Trainer saved
         self._args: TrainingArguments | None = None
 
     @classmethod
@@ -365,11 +367,7 @@ class DynamicCheckpointCallback(TrainerCallback):
             save_on_each_node=bool(args.save_on_each_node),
         )
         # Shared-memory and pipelined votes, as in DynamicCheckpoint (the world size is known only now).
-        self._votes = SharedVotes.open(self._rank, self._world_size, VOTE_LENGTH, collective)
-        if self._world_size > 1 and self._rank == 0:
-            channel = "shared memory" if self._votes is not None else "collective"
-            logger.info("ckptbus: the %d ranks vote through %s", self._world_size, channel)
-        votes = self._votes or collective.on_host()  # between machines: off the GPU (TorchExchange.on_host)
+        self._votes, votes = open_votes(self._rank, collective)
         self._coordinator.exchange = votes
         self._coordinator.start_exchange = votes.start if self._world_size > 1 else None
         main = self._rank == 0
@@ -422,11 +420,9 @@ class DynamicCheckpointCallback(TrainerCallback):
         if kind == "weights" and not args.save_only_model:
             self._restore_save_only_model = False
             args.save_only_model = True
-        if not self.config.dynamic_checkpoint.torch_save_crc32 and self._restore_crc32 is None:
-            # The Trainer's torch.save files of this save without zip CRC32s, as DynamicCheckpoint writes them
-            # (plugins/torch_save_crc.py); put back once the Trainer saved (on_save) or did not (_fail_unsaved).
-            self._restore_crc32 = torch.serialization.get_crc32_options()
-            torch.serialization.set_crc32_options(False)
+        # The Trainer's torch.save files of this save as DynamicCheckpoint writes them (plugins/torch_save_crc.py);
+        # put back once the Trainer saved (on_save) or did not (_fail_unsaved).
+        self._save_settings.enter_context(torch_save_crc32(self.config.dynamic_checkpoint.torch_save_crc32))
         self._pending = (decision, kind, time.perf_counter())
         control.should_save = True
         logger.debug("ckptbus: rank %d: the Trainer saves a %s checkpoint at step %d", self._rank, kind, step)
@@ -545,9 +541,7 @@ class DynamicCheckpointCallback(TrainerCallback):
         if self._restore_save_only_model is not None and self._args is not None:
             self._args.save_only_model = self._restore_save_only_model
         self._restore_save_only_model = None
-        if self._restore_crc32 is not None:
-            torch.serialization.set_crc32_options(self._restore_crc32)
-        self._restore_crc32 = None
+        self._save_settings.close()
 
     def _shutdown(self, why: str) -> None:
         self._running = False

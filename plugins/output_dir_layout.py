@@ -19,19 +19,19 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch.distributed as dist
 
 from ckptbus import SetupError
+from ckptbus._coordinator import Exchange
 
 PROBE_PREFIX = ".ckptbus-probe-"
 
 
 def check_output_dir_layout(
     output_dir: Path,
-    exchange: Callable[[Sequence[int]], list[int]],
+    exchange: Exchange,
     *,
     world_size: int,
     is_main: bool,

@@ -43,11 +43,15 @@ import secrets
 import struct
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from ckptbus._coordinator import VOTE_LENGTH, Exchange
+
+from .accelerate_sink import TorchExchange
 
 logger = logging.getLogger("ckptbus")
 
@@ -62,8 +66,6 @@ _TOKEN_WORDS = 2  # 16 random bytes that prove a rank opened rank 0's file
 _CLOSED = -1  # a rank's pid word once it closed its votes
 _LIVENESS_SECONDS = 0.5  # how often a waiting rank checks that the ranks it waits for still exist
 _MAX_SLEEP = 0.0002  # a wait overshoots the peer's vote by at most this
-
-Exchange = Callable[[Sequence[int]], list[int]]
 
 
 def shared_memory_dir() -> str:
@@ -275,6 +277,20 @@ class _PendingSharedVote:
         return list(self._result)
 
 
+def open_votes(rank: int, collective: TorchExchange) -> tuple[SharedVotes | None, SharedVotes | TorchExchange]:
+    """The Coordinator's votes of a run: (the shared votes, if any, to close at the end; the exchange to vote with).
+
+    Collective: every rank calls it. Ranks on one machine vote through shared
+    memory; otherwise through ``collective`` kept off the GPU
+    (:meth:`TorchExchange.on_host`). The main process logs which.
+    """
+    shared = SharedVotes.open(rank, collective.world_size, VOTE_LENGTH, collective)
+    if collective.world_size > 1 and rank == 0:
+        channel = "shared memory" if shared is not None else "collective"
+        logger.info("ckptbus: the %d ranks vote through %s", collective.world_size, channel)
+    return shared, shared or collective.on_host()
+
+
 def process_group_timeout() -> timedelta:
     """The timeout of the default process group (what a collective would wait), else torch's default of 30 min."""
     try:
@@ -313,4 +329,4 @@ def _process_exists(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-__all__ = ["RING", "VOTES_ENV", "SharedVotes", "SharedVotesError", "shared_memory_dir"]
+__all__ = ["RING", "VOTES_ENV", "SharedVotes", "SharedVotesError", "open_votes", "shared_memory_dir"]
