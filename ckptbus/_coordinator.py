@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import queue
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Any, Final, Protocol
 
 from ._events import SaveKind, SaveRequested
 
@@ -63,11 +63,18 @@ def exit_status(stopped: bool, signum: int, save_failed: bool) -> int:
     return 1 if save_failed else 0
 
 
-def reason_slot(reason: str) -> int:
-    """Vote slot of ``reason``; reasons outside :data:`KNOWN_REASONS` travel as ``other``."""
+def reason_table(declared: Iterable[str] = ()) -> tuple[str, ...]:
+    """The reasons a run's votes carry: :data:`KNOWN_REASONS` with the ``declared`` ones of its sources added
+    (sorted, before ``other``), so every rank that declared the same reasons builds the same table."""
+    extra = sorted(set(declared) - set(KNOWN_REASONS))
+    return (*KNOWN_REASONS[:-1], *extra, KNOWN_REASONS[-1])
+
+
+def reason_slot(reason: str, reasons: Sequence[str] = KNOWN_REASONS) -> int:
+    """Vote slot of ``reason``; reasons outside ``reasons`` travel as ``other``."""
     base = reason.split(":", 1)[0]
-    name = base if base in KNOWN_REASONS else "other"
-    return _REASON0 + KNOWN_REASONS.index(name)
+    name = base if base in reasons else "other"
+    return _REASON0 + list(reasons).index(name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +85,7 @@ class Decision:
     kind: SaveKind
     exit_after: bool
     reasons: tuple[str, ...]
-    """Reasons of all ranks, in :data:`KNOWN_REASONS` order (``other`` for unknown ones)."""
+    """Reasons of all ranks, in the order of the run's reason table (``other`` for reasons no source declared)."""
     requests: tuple[SaveRequested, ...]
     """The requests of *this* rank that the save serves."""
     signum: int = 0
@@ -92,34 +99,49 @@ class Decision:
             return "+".join(named if r == "signal" else r for r in self.reasons)
         return "+".join(self.reasons)
 
+    def event_fields(self, kind: SaveKind | None = None) -> dict[str, Any]:
+        """The fields every event about this save carries (``kind``: what is written, if not the agreed kind)."""
+        return {
+            "step": self.step,
+            "kind": kind or self.kind,
+            "reasons": self.reasons,
+            "request_ids": tuple(r.request_id for r in self.requests),
+            "labels": tuple(r.label for r in self.requests if r.label),
+            "exit_after": self.exit_after,
+        }
 
-def encode_vote(requests: Sequence[SaveRequested], scheduled: bool) -> list[int]:
-    """This rank's vote: which kinds, whether to exit, and why."""
-    vote = [0] * VOTE_LENGTH
+
+def encode_vote(
+    requests: Sequence[SaveRequested], scheduled: bool, reasons: Sequence[str] = KNOWN_REASONS
+) -> list[int]:
+    """This rank's vote: which kinds, whether to exit, and why (one slot per entry of ``reasons``)."""
+    vote = [0] * (_REASON0 + len(reasons))
     if scheduled:
         vote[_FULL] = 1
-        vote[reason_slot("schedule")] = 1
+        vote[reason_slot("schedule", reasons)] = 1
     for request in requests:
         vote[_FULL if request.kind == "full" else _WEIGHTS] = 1
         vote[_EXIT] = max(vote[_EXIT], int(request.exit_after))
-        vote[reason_slot(request.reason)] = 1
+        vote[reason_slot(request.reason, reasons)] = 1
         vote[_SIGNUM] = max(vote[_SIGNUM], signal_number(request.reason))
     return vote
 
 
-def decode_vote(step: int, vote: Sequence[int], requests: Sequence[SaveRequested]) -> Decision | None:
+def decode_vote(
+    step: int, vote: Sequence[int], requests: Sequence[SaveRequested], reasons: Sequence[str] = KNOWN_REASONS
+) -> Decision | None:
     """The decision the combined ``vote`` stands for, or None when nobody asked.
 
     A full save covers a weights request at the same step (``save_state``
     writes the model weights too), so ``full`` wins when both were asked.
     """
-    if len(vote) != VOTE_LENGTH:
-        raise ValueError(f"vote has {len(vote)} slots, expected {VOTE_LENGTH}")
+    if len(vote) != _REASON0 + len(reasons):
+        raise ValueError(f"vote has {len(vote)} slots, expected {_REASON0 + len(reasons)}")
     if not (vote[_FULL] or vote[_WEIGHTS]):
         return None
     kind: SaveKind = "full" if vote[_FULL] else "weights"
-    reasons = tuple(r for i, r in enumerate(KNOWN_REASONS) if vote[_REASON0 + i])
-    return Decision(step, kind, bool(vote[_EXIT]), reasons, tuple(requests), int(vote[_SIGNUM]))
+    named = tuple(r for i, r in enumerate(reasons) if vote[_REASON0 + i])
+    return Decision(step, kind, bool(vote[_EXIT]), named, tuple(requests), int(vote[_SIGNUM]))
 
 
 class Coordinator:
@@ -131,6 +153,7 @@ class Coordinator:
     ``save_steps``: a full save is scheduled at steps divisible by it.
     ``exchange`` and ``start_exchange`` may be replaced between steps (a
     Trainer learns its world size only when training begins).
+    ``reasons``: the run's reason table (:func:`reason_table`), the same on every rank.
     ``start_exchange``: with ``every_step``, the votes of steps that are
     neither a ``check_interval`` multiple nor scheduled are *pipelined*: the
     exchange is started at step N and read at step N+1, so it runs while step
@@ -149,6 +172,7 @@ class Coordinator:
         "check_interval",
         "every_step",
         "exchange",
+        "reasons",
         "save_steps",
         "start_exchange",
     )
@@ -161,6 +185,7 @@ class Coordinator:
         save_steps: int | None = None,
         every_step: bool = False,
         start_exchange: StartExchange | None = None,
+        reasons: Sequence[str] = KNOWN_REASONS,
     ) -> None:
         if check_interval < 1:
             raise ValueError(f"check_interval must be >= 1, got {check_interval}")
@@ -174,6 +199,12 @@ class Coordinator:
         self.check_interval = check_interval
         self.every_step = every_step
         self.save_steps = save_steps
+        self.reasons = tuple(reasons)
+
+    @property
+    def vote_length(self) -> int:
+        """How many ints one vote has (the exchange must carry that many)."""
+        return _REASON0 + len(self.reasons)
 
     @property
     def pipelined(self) -> bool:
@@ -240,11 +271,12 @@ class Coordinator:
             if blocking:
                 fresh, self._held = self._held, []
                 voted += fresh
-                votes.append(self.exchange(encode_vote(fresh, scheduled and self.is_scheduled(step))))
+                votes.append(self.exchange(encode_vote(fresh, scheduled and self.is_scheduled(step), self.reasons)))
         except BaseException:
             self._held[:0] = voted  # requests are consumed only once every rank agreed
             raise
-        decision = decode_vote(step, [max(slot) for slot in zip(*votes, strict=True)], voted) if votes else None
+        combined = [max(slot) for slot in zip(*votes, strict=True)]
+        decision = decode_vote(step, combined, voted, self.reasons) if votes else None
         if decision is None:
             self._held[:0] = voted  # (empty: a request always makes its vote count)
             if self.pipelined and not force:
@@ -253,7 +285,7 @@ class Coordinator:
 
     def _start(self, requests: list[SaveRequested]) -> None:
         assert self.start_exchange is not None
-        self._in_flight = self.start_exchange(encode_vote(requests, scheduled=False))
+        self._in_flight = self.start_exchange(encode_vote(requests, False, self.reasons))
         self._carried, self._held = requests, []
 
     def drain(self) -> list[SaveRequested]:

@@ -234,22 +234,17 @@ def prepare_staging(output_dir: str | os.PathLike[str], step: int) -> Path:
     return staging
 
 
-def commit(
-    staging: Path,
-    final: Path,
+def write_manifest(
+    directory: Path,
     manifest_fields: dict[str, Any],
     fields_after_fsync: Callable[[], dict[str, Any]] = dict,
 ) -> Manifest:
-    """Make ``staging`` the complete checkpoint ``final``.
-
-    fsyncs every file, writes the manifest last (through a temporary file),
-    renames the directory and fsyncs the parent. If ``final`` already exists
-    and is a complete ckptbus checkpoint it is replaced; any other directory
-    of that name is moved aside to ``<final>.orphaned-<time>`` and kept.
-    ``fields_after_fsync`` gives more manifest fields once every file is
-    fsynced (timings that must include the fsync).
-    """
-    files = fsync_tree(staging)
+    """Mark ``directory`` complete: fsync every file in it, then write the manifest last (through a temporary
+    file) and fsync the directory. A manifest already there is removed first, so the files written since are
+    never called complete by an older one. ``fields_after_fsync`` gives more manifest fields once every file is
+    fsynced (timings that must include the fsync)."""
+    (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    files = fsync_tree(directory)
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         files=files,
@@ -257,14 +252,30 @@ def commit(
         **manifest_fields,
         **fields_after_fsync(),
     )
-    tmp = staging / (MANIFEST_NAME + ".tmp")
+    tmp = directory / (MANIFEST_NAME + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(manifest.to_json())
         fh.flush()
         os.fsync(fh.fileno())
-    os.rename(tmp, staging / MANIFEST_NAME)
-    _fsync_path(staging, directory=True)
+    os.rename(tmp, directory / MANIFEST_NAME)
+    _fsync_path(directory, directory=True)
+    return manifest
 
+
+def commit(
+    staging: Path,
+    final: Path,
+    manifest_fields: dict[str, Any],
+    fields_after_fsync: Callable[[], dict[str, Any]] = dict,
+) -> Manifest:
+    """Make ``staging`` the complete checkpoint ``final``: write its manifest last (:func:`write_manifest`),
+    rename the directory and fsync the parent.
+
+    If ``final`` already exists and is a complete ckptbus checkpoint it is
+    replaced; any other directory of that name is moved aside to
+    ``<final>.orphaned-<time>`` and kept.
+    """
+    manifest = write_manifest(staging, manifest_fields, fields_after_fsync)
     trash: Path | None = None
     if final.exists() or final.is_symlink():
         try:

@@ -1,30 +1,126 @@
-"""The interface every trigger source implements."""
+"""The contract every trigger source keeps, and the facts of the run a source is given.
+
+A trigger source publishes :class:`~ckptbus.SaveRequested` on the run's bus.
+It is built by the user (or by ckptbus from the config) with its own
+settings only; the runtime hands it the bus and the facts of the run when it
+starts it, on every rank, so one source object works under every adapter
+(a hand-written accelerate loop, ``transformers.Trainer``, axolotl).
+
+A new source (``a checkpoint every N seconds``)::
+
+    class Every:
+        reason = "timer"            # recorded in events and the manifest as given
+        def __init__(self, seconds): self.seconds = seconds
+        def start(self, bus, run):  self.bus, self.next = bus, time.monotonic() + self.seconds
+        def poll(self, step):
+            if time.monotonic() >= self.next:
+                self.next += self.seconds
+                self.bus.publish(SaveRequested(reason=self.reason))
+        def close(self): pass
+
+Sources are checked when the runtime is built (:func:`check_source`): an
+object that is not one is refused with a :class:`~ckptbus.SetupError` before
+training starts, not when it is first polled.
+"""
 
 from __future__ import annotations
 
+import inspect
 import logging
-from collections.abc import Iterable
-from typing import Protocol, runtime_checkable
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from ._errors import SetupError
+
+if TYPE_CHECKING:
+    from ._bus import Bus
 
 logger = logging.getLogger("ckptbus")
+
+REASON_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,31}")
+"""What a source's ``reason`` may look like: it names the source in events, the manifest and the CLI."""
+
+StatusProvider = Callable[[], Mapping[str, object]]
+"""A snapshot of the run for status displays; safe to call from any thread."""
+
+
+def _no_status() -> Mapping[str, object]:
+    return {}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunInfo:
+    """What a trigger source learns about the run when it is started."""
+
+    rank: int
+    """This process's rank (0 is the main process)."""
+    world_size: int
+    """How many ranks the run has."""
+    output_dir: Path
+    """Where checkpoints, the trigger file and the socket live."""
+    local_rank: int = 0
+    """This process's rank on its machine."""
+    status: StatusProvider = field(default=_no_status)
+    """The run's status snapshot (what ``ckptbus status`` shows); safe to call from any thread."""
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this is rank 0: sources that act once per run (the file poller, the socket) act here only."""
+        return self.rank == 0
 
 
 @runtime_checkable
 class TriggerSource(Protocol):
     """Something that publishes ``save_requested`` on a bus.
 
-    ``start`` runs once on the training thread before the first step;
-    ``poll`` runs on the training thread at every optimizer-step boundary,
-    before the ranks vote (a source that only reacts to threads or signals
-    may do nothing there); ``close`` undoes ``start`` and must be safe to call
-    twice. None of them may call a collective or save anything.
+    ``start`` runs once on the training thread of every rank before the
+    first step, with the run's bus and facts; ``poll`` runs on the training
+    thread at every optimizer-step boundary, before the ranks vote (a source
+    that only reacts to threads or signals may do nothing there); ``close``
+    undoes ``start`` and must be safe to call twice. None of them may call a
+    collective or save anything.
+
+    A source may have a ``reason`` attribute: the reason its requests carry.
+    Declared there, it is recorded in events and the manifest as given; a
+    request whose reason no source declared (and that is not one of
+    ckptbus's own) is recorded as ``other``.
     """
 
-    def start(self) -> None: ...
+    def start(self, bus: Bus, run: RunInfo) -> None: ...
 
     def poll(self, step: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+def check_source(source: object) -> TriggerSource:
+    """``source`` if it keeps the :class:`TriggerSource` contract; raises :class:`~ckptbus.SetupError` naming
+    what is missing otherwise."""
+    what = f"trigger source {source!r}"
+    missing = [name for name in ("start", "poll", "close") if not callable(getattr(source, name, None))]
+    if missing:
+        raise SetupError(
+            f"{what} is not a trigger source: it has no {', '.join(missing)} method. A source needs "
+            "start(bus, run), poll(step) and close() (see ckptbus.TriggerSource)."
+        )
+    try:
+        inspect.signature(source.start).bind(None, None)  # type: ignore[attr-defined]
+    except TypeError:
+        raise SetupError(
+            f"{what}: start() must take the run's bus and facts, start(bus, run) (see ckptbus.TriggerSource)"
+        ) from None
+    except ValueError:
+        pass  # a builtin without a signature: taken as it is
+    reason = getattr(source, "reason", None)
+    if reason is not None and not (isinstance(reason, str) and REASON_PATTERN.fullmatch(reason)):
+        raise SetupError(
+            f"{what}: reason {reason!r} must be a short lower-case name matching {REASON_PATTERN.pattern} "
+            "(it names the source in events and the manifest)"
+        )
+    return source  # type: ignore[return-value]
 
 
 def close_all(sources: Iterable[TriggerSource]) -> None:

@@ -45,13 +45,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from datetime import timedelta
-
-import torch
-import torch.distributed as dist
-
-from ckptbus._coordinator import VOTE_LENGTH, Exchange
-
-from .accelerate_sink import TorchExchange
+from typing import Protocol
 
 logger = logging.getLogger("ckptbus")
 
@@ -71,6 +65,16 @@ _MAX_SLEEP = 0.0002  # a wait overshoots the peer's vote by at most this
 def shared_memory_dir() -> str:
     """Where the vote file lives: ``/dev/shm`` (RAM) when it exists, else the temporary directory."""
     return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+class SetUpChannel(Protocol):
+    """What the set-up needs from the run's collectives (plugins/distributed.py's ``TorchExchange``)."""
+
+    def __call__(self, vote: Sequence[int]) -> list[int]: ...
+
+    def broadcast_name(self, name: str) -> str: ...
+
+    def timeout(self) -> timedelta: ...
 
 
 class SharedVotesError(RuntimeError):
@@ -103,7 +107,7 @@ class SharedVotes:
         rank: int,
         world_size: int,
         length: int,
-        exchange: Exchange,
+        exchange: SetUpChannel,
         *,
         directory: str | None = None,
         timeout: timedelta | None = None,
@@ -111,7 +115,7 @@ class SharedVotes:
         """Collective (every rank calls it): the shared votes of this run, or None where ranks cannot share them.
 
         ``exchange`` is the run's collective (element-wise max), used a few
-        times here; the file's name travels with ``broadcast_object_list``.
+        times here, with its ``broadcast_name`` for the file's name.
         ``timeout``: how long a vote waits for a rank that is alive but does
         not vote; by default that of the process group (30 minutes unless the
         run set another), so a long evaluation on one rank is no more fatal
@@ -119,7 +123,7 @@ class SharedVotes:
         """
         if world_size < 2:
             return None
-        timeout = timeout or process_group_timeout()
+        timeout = timeout or exchange.timeout()
         # Asked on every rank, so that all of them take the same path (one rank alone skipping the set-up's
         # collectives would leave the others waiting in them).
         wanted = os.environ.get(VOTES_ENV, "auto").strip().lower() or "auto"
@@ -138,7 +142,7 @@ class SharedVotes:
                 os.pwrite(fd, secrets.token_bytes(_TOKEN_WORDS * _WORD.size), 0)
         except OSError as exc:
             problem = f"cannot create the vote file: {exc}"
-        dist.broadcast_object_list(name, src=0)
+        name[0] = exchange.broadcast_name(name[0])
         votes: SharedVotes | None = None
         try:
             if rank != 0 and name[0]:
@@ -277,33 +281,6 @@ class _PendingSharedVote:
         return list(self._result)
 
 
-def open_votes(rank: int, collective: TorchExchange) -> tuple[SharedVotes | None, SharedVotes | TorchExchange]:
-    """The Coordinator's votes of a run: (the shared votes, if any, to close at the end; the exchange to vote with).
-
-    Collective: every rank calls it. Ranks on one machine vote through shared
-    memory; otherwise through ``collective`` kept off the GPU
-    (:meth:`TorchExchange.on_host`). The main process logs which.
-    """
-    shared = SharedVotes.open(rank, collective.world_size, VOTE_LENGTH, collective)
-    if collective.world_size > 1 and rank == 0:
-        channel = "shared memory" if shared is not None else "collective"
-        logger.info("ckptbus: the %d ranks vote through %s", collective.world_size, channel)
-    return shared, shared or collective.on_host()
-
-
-def process_group_timeout() -> timedelta:
-    """The timeout of the default process group (what a collective would wait), else torch's default of 30 min."""
-    try:
-        group = dist.distributed_c10d._get_default_group()
-        backend = group._get_backend(torch.device("cuda" if dist.get_backend() == "nccl" else "cpu"))
-        timeout = backend.options._timeout  # not public API: any surprise falls back to the default
-        if isinstance(timeout, timedelta) and timeout.total_seconds() > 0:
-            return timeout
-    except Exception:
-        pass
-    return timedelta(minutes=30)
-
-
 def _file_words(world_size: int, length: int) -> int:
     return _TOKEN_WORDS + world_size + world_size * RING * (1 + length)
 
@@ -329,4 +306,4 @@ def _process_exists(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-__all__ = ["RING", "VOTES_ENV", "SharedVotes", "SharedVotesError", "open_votes", "shared_memory_dir"]
+__all__ = ["RING", "VOTES_ENV", "SharedVotes", "SharedVotesError", "shared_memory_dir"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from ckptbus.plugins.async_writer import HostSnapshot, WriteJob
+from ckptbus.plugins.saving.async_writer import HostSnapshot, WriteJob
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 

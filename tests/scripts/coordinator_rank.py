@@ -16,7 +16,7 @@ import sys
 from typing import Any
 
 from accelerate import Accelerator
-from ckptbus.plugins.accelerate_sink import TorchExchange
+from ckptbus.plugins.distributed import TorchExchange
 
 from ckptbus import SaveRequested
 from ckptbus._coordinator import Coordinator, Decision

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from ckptbus.plugins.accelerate_sink import TorchExchange
+from ckptbus.plugins.distributed import TorchExchange
 from ckptbus.plugins.shared_votes import SharedVotes, SharedVotesError
 
 LENGTH = 10

@@ -39,6 +39,7 @@ from typing import Any
 
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveKind, SaveRequested
 from ckptbus._config import SIGNAL_ACTIONS, SignalAction
+from ckptbus._source import RunInfo
 
 logger = logging.getLogger("ckptbus")
 
@@ -78,14 +79,12 @@ class SignalTrigger:
     Raises ``ValueError`` for an unknown signal name or action.
     """
 
-    def __init__(
-        self,
-        bus: Bus,
-        actions: Mapping[str, SignalAction],
-        *,
-        debounce_seconds: float = 1.0,
-    ) -> None:
-        self.bus = bus
+    reason = "signal"
+    urgent = True
+    """Ranks vote at every step while this source runs: a signal is honoured within a step or two."""
+
+    def __init__(self, actions: Mapping[str, SignalAction], *, debounce_seconds: float = 1.0) -> None:
+        self.bus = Bus()
         self.debounce_seconds = debounce_seconds
         self._plans: dict[int, _Plan] = {}
         for name, action in actions.items():
@@ -125,9 +124,10 @@ class SignalTrigger:
 
     # -- TriggerSource -------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, bus: Bus, run: RunInfo) -> None:
         if not self._plans or self._previous:
             return  # nothing to handle, or already started
+        self.bus = bus
         if threading.current_thread() is not threading.main_thread():
             logger.warning(
                 "ckptbus: started outside the main thread; signal handlers for %s were not installed, so these "

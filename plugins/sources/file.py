@@ -22,6 +22,7 @@ import stat
 from pathlib import Path
 
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveRequested, SaveStarted
+from ckptbus._source import RunInfo
 
 logger = logging.getLogger("ckptbus")
 
@@ -29,26 +30,25 @@ logger = logging.getLogger("ckptbus")
 class FileTrigger:
     """Polls for the trigger file on the main process. See the module docstring."""
 
-    def __init__(
-        self,
-        bus: Bus,
-        output_dir: str | os.PathLike[str],
-        file_name: str,
-        *,
-        check_interval: int,
-        is_main_process: bool,
-    ) -> None:
-        self.bus = bus
-        self.path = Path(output_dir) / file_name
+    reason = "file"
+
+    def __init__(self, file_name: str, *, check_interval: int) -> None:
+        self.file_name = file_name
         self.check_interval = check_interval
-        self.is_main_process = is_main_process
+        self.bus = Bus()
+        self.path = Path(file_name)
+        """The trigger file: ``file_name`` inside the run's output_dir once started (an absolute name as it is)."""
+        self.is_main_process = False
         self._outstanding: str | None = None  # request id published and not yet agreed on
         self._warned_state: str | None = None
         # A trigger file we could not delete: (dev, inode, mtime) it had, so it
         # does not fire again until somebody touches it again.
         self._spent: tuple[int, int, int] | None = None
 
-    def start(self) -> None:
+    def start(self, bus: Bus, run: RunInfo) -> None:
+        self.bus = bus
+        self.path = run.output_dir / self.file_name
+        self.is_main_process = run.is_main_process
         if not self.is_main_process:
             return
         self.bus.subscribe("save_started", self._on_save_started)

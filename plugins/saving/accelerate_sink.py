@@ -27,130 +27,35 @@ collective.
 from __future__ import annotations
 
 import logging
-import os
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 
-from ckptbus import Bus, SaveCompleted, SaveFailed, SaveStarted, SetupError
+from ckptbus import SaveCompleted, SaveFailed, SaveStarted, SetupError
 from ckptbus._coordinator import Decision
-from ckptbus._layout import checkpoint_path, commit, discard, prepare_staging, rotate, staging_path, withdraw
+from ckptbus._layout import checkpoint_path, commit, discard, prepare_staging, staging_path, withdraw
 
+from ..runtime import Runtime
 from .async_writer import HostSnapshot, Snapshot, WriteJob, async_unsupported
 from .torch_save_crc import torch_save_crc32
 
 logger = logging.getLogger("ckptbus")
 
-REASON_BYTES = 512
-"""How much of a failed rank's error message travels to every rank (UTF-8 bytes, one int each)."""
-
-
-class TorchExchange:
-    """Element-wise max of a small int vector over all ranks with ``torch.distributed``.
-
-    The tensor lives where the backend wants it (CUDA for NCCL, CPU for
-    gloo). With one process nothing is exchanged.
-    """
-
-    def __init__(self, accelerator: Accelerator) -> None:
-        self.world_size = accelerator.num_processes
-        self.device = torch.device("cpu")
-        self.group: Any = None  # the default process group
-        if self.world_size > 1 and dist.get_backend() == "nccl":
-            self.device = accelerator.device
-
-    @classmethod
-    def of(cls, world_size: int, device: torch.device, group: Any = None) -> TorchExchange:
-        """The exchange of a run with ``world_size`` ranks whose tensors for collectives live on ``device``."""
-        exchange = cls.__new__(cls)
-        exchange.world_size = world_size
-        exchange.device = device
-        exchange.group = group
-        return exchange
-
-    def on_host(self) -> TorchExchange:
-        """An exchange for per-step votes that never waits for the GPU. Collective: every rank calls it.
-
-        Over NCCL the vote lives on the GPU, and reading it makes the host
-        wait for all the GPU work queued before it, at every step. A gloo
-        group over the same ranks keeps the vote on the host. Where the
-        backend is gloo already (or gloo is missing) this exchange is returned.
-        """
-        if self.world_size == 1 or self.device.type == "cpu" or not dist.is_gloo_available():
-            return self
-        return TorchExchange.of(self.world_size, torch.device("cpu"), dist.new_group(backend="gloo"))
-
-    def __call__(self, vote: Sequence[int]) -> list[int]:
-        return self.start(vote).wait()
-
-    def start(self, vote: Sequence[int]) -> _StartedVote:
-        """Start the exchange without waiting for it (``async_op``); ``wait()`` on the result reads it."""
-        if self.world_size == 1:
-            return _StartedVote(None, list(vote))
-        tensor = torch.tensor(list(vote), dtype=torch.int64, device=self.device)
-        return _StartedVote(dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True), tensor)
-
-
-class _StartedVote:
-    """An all_reduce in flight (or, with one process, the vote itself)."""
-
-    __slots__ = ("_result", "_work")
-
-    def __init__(self, work: Any, result: torch.Tensor | list[int]) -> None:
-        self._work = work
-        self._result = result
-
-    def wait(self) -> list[int]:
-        if self._work is not None:
-            self._work.wait()
-            self._work = None
-        result = self._result
-        return [int(x) for x in (result.tolist() if isinstance(result, torch.Tensor) else result)]
-
-
-def check_world(accelerator: Accelerator) -> None:
-    """Refuse a run where accelerate and torch.distributed disagree on the number of ranks.
-
-    That happens with ``accelerate launch --multi_gpu`` on a machine without
-    a GPU when the script makes ``Accelerator()`` without ``cpu=True``: every
-    rank then believes it is the only (main) process and all of them would
-    write the same checkpoint.
-    """
-    if dist.is_available() and dist.is_initialized():
-        world = dist.get_world_size()
-        if world != accelerator.num_processes:
-            raise SetupError(
-                f"torch.distributed has {world} ranks but the Accelerator sees {accelerator.num_processes} "
-                f"process(es) (distributed type {accelerator.distributed_type}). On a machine without a GPU, "
-                "create the Accelerator with Accelerator(cpu=True) (or set ACCELERATE_USE_CPU=1) so that "
-                "every rank takes part."
-            )
-
 
 class _Save:
     """One save's names and progress, shared by its stages."""
 
-    __slots__ = ("common", "decision", "final", "renamed", "sink", "staging", "started")
+    __slots__ = ("decision", "final", "renamed", "sink", "staging", "started")
 
     def __init__(self, sink: AccelerateSink, decision: Decision) -> None:
         self.sink = sink
         self.decision = decision
         self.final = checkpoint_path(sink.output_dir, decision.step)
         self.staging = staging_path(sink.output_dir, decision.step)
-        self.common: dict[str, Any] = {
-            "step": decision.step,
-            "kind": decision.kind,
-            "reasons": decision.reasons,
-            "request_ids": tuple(r.request_id for r in decision.requests),
-            "labels": tuple(r.label for r in decision.requests if r.label),
-            "exit_after": decision.exit_after,
-        }
         self.started = time.perf_counter()
         self.renamed = False
 
@@ -187,23 +92,16 @@ class AccelerateSink:
     def __init__(
         self,
         accelerator: Accelerator,
-        bus: Bus,
-        output_dir: str | os.PathLike[str],
-        exchange: TorchExchange,
+        runtime: Runtime,
         *,
         model: torch.nn.Module | None = None,
-        save_total_limit: int | None = None,
-        rotate_on_demand: bool = False,
         torch_save_crc32: bool = False,
     ) -> None:
         self.accelerator = accelerator
+        self.runtime = runtime
         self.torch_save_crc32 = torch_save_crc32
-        self.bus = bus
-        self.output_dir = Path(output_dir)
-        self.exchange = exchange
+        self.output_dir = runtime.output_dir
         self._model = model
-        self.save_total_limit = save_total_limit
-        self.rotate_on_demand = rotate_on_demand
         self._snapshot = HostSnapshot()
         self._async: _InFlight | None = None
         self.copy_wait_seconds = 0.0
@@ -240,7 +138,7 @@ class AccelerateSink:
             self._write(decision.kind, save.staging)
 
         for what, stage in (("creating the staging directory", save.prepare), ("writing", write)):
-            error = self._run_agreed(what, stage)
+            error = self.runtime.agree(what, stage)
             if error is not None:
                 return self._fail(save, error)
         # The agreement after "writing" waited for every rank, so these times are the slowest rank's; the fsync
@@ -263,7 +161,7 @@ class AccelerateSink:
         if flight is None:
             return None
         flight.remove_hooks()
-        return dict(flight.save.common)
+        return flight.save.decision.event_fields()
 
     def async_unsupported(self) -> str | None:
         """Why full saves of this run cannot be asynchronous (None if they can)."""
@@ -287,7 +185,7 @@ class AccelerateSink:
             ("creating the staging directory", save.prepare),
             ("copying the state to host memory", take),
         ):
-            error = self._run_agreed(what, stage)
+            error = self.runtime.agree(what, stage)
             if error is not None:
                 return self._fail(save, error)
         job = WriteJob(snapshot[0], save.staging, torch_save_crc32=self.torch_save_crc32)
@@ -315,7 +213,7 @@ class AccelerateSink:
             flight.job.wait()
         polled = time.perf_counter()
         ended = flight.job.done.is_set()
-        running, stall_ms, write_ms = self.exchange(
+        running, stall_ms, write_ms = self.runtime.agreed(
             [int(not ended), round(flight.stall * 1000), round(flight.job.seconds * 1000) if ended else 0]
         )
         if running:
@@ -327,7 +225,7 @@ class AccelerateSink:
             if flight.job.error is not None:
                 raise OSError(flight.job.error)
 
-        error = self._run_agreed("writing", check)
+        error = self.runtime.agree("writing", check)
         if error is not None:
             return self._fail(flight.save, error.replace(": OSError: ", ": ", 1))
         return self._commit(flight.save, stall_before=stall_ms / 1000, write_before=write_ms / 1000, since=polled)
@@ -336,7 +234,7 @@ class AccelerateSink:
 
     def _start(self, decision: Decision) -> _Save:
         save = _Save(self, decision)
-        self.bus.publish(SaveStarted(path=str(save.final), **save.common))
+        self.runtime.bus.publish(SaveStarted(path=str(save.final), **decision.event_fields()))
         save.started = time.perf_counter()
         return save
 
@@ -350,11 +248,7 @@ class AccelerateSink:
                     withdraw(save.final)
                 except OSError as exc:
                     logger.warning("ckptbus: could not take back %s (%s); delete it by hand", save.final, exc)
-        if self.accelerator.is_main_process:
-            logger.error("ckptbus: %s checkpoint at step %d failed: %s", save.decision.kind, save.decision.step, error)
-        failed = SaveFailed(error=error, **save.common)
-        self.bus.publish(failed)
-        return failed
+        return self.runtime.failed(save.decision, save.decision.kind, error)
 
     def _commit(
         self, save: _Save, *, stall_before: float, write_before: float, since: float
@@ -380,78 +274,26 @@ class AccelerateSink:
                 manifest = commit(
                     save.staging,
                     save.final,
-                    {
-                        "step": decision.step,
-                        "kind": decision.kind,
-                        "reason": decision.reason,
-                        "world_size": self.accelerator.num_processes,
-                        "labels": list(save.common["labels"]),
-                        "request_ids": list(save.common["request_ids"]),
-                    },
+                    self.runtime.manifest_fields(decision, decision.kind),
                     timings_with_fsync,
                 )
                 committed_bytes = manifest.bytes
                 timings[:] = [manifest.stall_seconds, manifest.write_seconds]
                 save.renamed = True
 
-        error = self._run_agreed("committing", finish)
+        error = self.runtime.agree("committing", finish)
         if error is not None:
             return self._fail(save, error)
-        seconds = time.perf_counter() - save.started
-        self._rotate(save.final)
-        # Every rank reports the size and times the committer recorded in the manifest (one collective).
-        nbytes, stall, persist = self._committed_figures(committed_bytes, *timings)
-        if self.accelerator.is_main_process:
-            logger.info(
-                "ckptbus: saved %s checkpoint %s (%d bytes) in %.2f s (training held %.2f s)",
-                decision.kind,
-                save.final,
-                nbytes,
-                seconds,
-                stall,
-            )
-        completed = SaveCompleted(
-            path=str(save.final),
-            bytes=nbytes,
-            seconds=seconds,
-            stall_seconds=stall,
-            write_seconds=persist,
-            **save.common,
+        return self.runtime.completed(
+            decision,
+            decision.kind,
+            save.final,
+            committer=self.is_committer,
+            figures=(committed_bytes, timings[0], timings[1]),
+            started=save.started,
         )
-        self.bus.publish(completed)
-        return completed
-
-    def _committed_figures(self, nbytes: int, stall: float, write: float) -> tuple[int, float, float]:
-        """The committer's bytes and seconds on every rank (milliseconds travel as ints; max over ranks)."""
-        got = self.exchange([nbytes, round(stall * 1000), round(write * 1000)])
-        return got[0], got[1] / 1000, got[2] / 1000
 
     # -- the stages ---------------------------------------------------------
-
-    def _run_agreed(self, what: str, stage: Callable[[], None]) -> str | None:
-        """Run ``stage`` here, then agree with every rank: None if it worked everywhere, else why not.
-
-        The collective is also the barrier between stages. When some rank
-        failed, a second collective carries the message of the highest failed
-        rank to every rank, so the ``save_failed`` event on the main process
-        (and the reply to a waiting ``ckptbus request``) says what went wrong.
-        """
-        rank = self.accelerator.process_index
-        error: str | None = None
-        try:
-            stage()
-        except Exception as exc:
-            error = f"{type(exc).__name__}: {exc}"
-            logger.error("ckptbus: rank %d: %s failed: %s", rank, what, error, exc_info=exc)
-        failed_rank = self.exchange([rank + 1 if error is not None else 0])[0] - 1
-        if failed_rank < 0:
-            return None
-        message = f"{what} failed on rank {failed_rank}: {error}".encode()[:REASON_BYTES]
-        vote = [0] * REASON_BYTES
-        if rank == failed_rank:
-            vote[: len(message)] = message
-        shared = bytes(b for b in self.exchange(vote) if b).decode("utf-8", "replace")
-        return shared if error is None or rank == failed_rank else f"{what} failed on rank {rank}: {error}"
 
     def _write(self, kind: str, staging: Path) -> None:
         if kind == "full":
@@ -468,12 +310,3 @@ class AccelerateSink:
         config = getattr(self.accelerator.unwrap_model(model), "config", None)
         if config is not None and callable(getattr(config, "save_pretrained", None)):
             config.save_pretrained(str(staging))
-
-    def _rotate(self, final: Path) -> None:
-        if not self.is_committer or self.save_total_limit is None:
-            return
-        try:
-            for path in rotate(self.output_dir, self.save_total_limit, on_demand=self.rotate_on_demand, keep=(final,)):
-                logger.info("ckptbus: save_total_limit=%d: deleted %s", self.save_total_limit, path)
-        except OSError as exc:
-            logger.warning("ckptbus: rotation failed (%s); older checkpoints are kept", exc)

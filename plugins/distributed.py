@@ -1,0 +1,238 @@
+"""Everything that crosses ranks: the vote exchange, failure agreement, a name from rank 0, the choice of vote
+channel, the world-size check and the ``output_dir`` sharing probe. No other module calls ``torch.distributed``.
+
+Every function here is a collective unless it says otherwise: every rank calls it, in the same order, on the
+training thread. With one process nothing is exchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ckptbus import SetupError
+from ckptbus._coordinator import VOTE_LENGTH, Exchange
+
+from .shared_votes import SharedVotes
+
+logger = logging.getLogger("ckptbus")
+
+REASON_BYTES = 512
+"""How much of a failed rank's error message travels to every rank (UTF-8 bytes, one int each)."""
+
+PROBE_PREFIX = ".ckptbus-probe-"
+
+
+class TorchExchange:
+    """Element-wise max of a small int vector over all ranks with ``torch.distributed``.
+
+    The tensor lives where the backend wants it (CUDA for NCCL, CPU for
+    gloo). With one process nothing is exchanged.
+    """
+
+    def __init__(self, accelerator: Any) -> None:
+        self.world_size = int(accelerator.num_processes)
+        self.device = torch.device("cpu")
+        self.group: Any = None  # the default process group
+        if self.world_size > 1 and dist.get_backend() == "nccl":
+            self.device = accelerator.device
+
+    @classmethod
+    def of(cls, world_size: int, device: torch.device, group: Any = None) -> TorchExchange:
+        """The exchange of a run with ``world_size`` ranks whose tensors for collectives live on ``device``."""
+        exchange = cls.__new__(cls)
+        exchange.world_size = world_size
+        exchange.device = device
+        exchange.group = group
+        return exchange
+
+    def on_host(self) -> TorchExchange:
+        """An exchange for per-step votes that never waits for the GPU. Collective: every rank calls it.
+
+        Over NCCL the vote lives on the GPU, and reading it makes the host
+        wait for all the GPU work queued before it, at every step. A gloo
+        group over the same ranks keeps the vote on the host. Where the
+        backend is gloo already (or gloo is missing) this exchange is returned.
+        """
+        if self.world_size == 1 or self.device.type == "cpu" or not dist.is_gloo_available():
+            return self
+        return TorchExchange.of(self.world_size, torch.device("cpu"), dist.new_group(backend="gloo"))
+
+    def __call__(self, vote: Sequence[int]) -> list[int]:
+        return self.start(vote).wait()
+
+    def start(self, vote: Sequence[int]) -> _StartedVote:
+        """Start the exchange without waiting for it (``async_op``); ``wait()`` on the result reads it."""
+        if self.world_size == 1:
+            return _StartedVote(None, list(vote))
+        tensor = torch.tensor(list(vote), dtype=torch.int64, device=self.device)
+        return _StartedVote(dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=self.group, async_op=True), tensor)
+
+    def broadcast_name(self, name: str) -> str:
+        """Rank 0's ``name`` on every rank (what the others pass is ignored)."""
+        if self.world_size == 1:
+            return name
+        box = [name]
+        dist.broadcast_object_list(box, src=0)
+        return str(box[0])
+
+    def timeout(self) -> timedelta:
+        """How long a collective of the default process group waits (torch's default of 30 min if unknown)."""
+        try:
+            group = dist.distributed_c10d._get_default_group()
+            backend = group._get_backend(torch.device("cuda" if dist.get_backend() == "nccl" else "cpu"))
+            timeout = backend.options._timeout  # not public API: any surprise falls back to the default
+            if isinstance(timeout, timedelta) and timeout.total_seconds() > 0:
+                return timeout
+        except Exception:
+            pass
+        return timedelta(minutes=30)
+
+
+class _StartedVote:
+    """An all_reduce in flight (or, with one process, the vote itself)."""
+
+    __slots__ = ("_result", "_work")
+
+    def __init__(self, work: Any, result: torch.Tensor | list[int]) -> None:
+        self._work = work
+        self._result = result
+
+    def wait(self) -> list[int]:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        result = self._result
+        return [int(x) for x in (result.tolist() if isinstance(result, torch.Tensor) else result)]
+
+
+def check_world(num_processes: int, *, seen_by: str, fix: str, detail: str = "") -> None:
+    """Not a collective. Refuse a run where the framework and torch.distributed disagree on the number of ranks.
+
+    That happens with ``accelerate launch --multi_gpu`` on a machine without
+    a GPU when the script does not ask for the CPU: every rank then believes
+    it is the only (main) process and all of them would write the same
+    checkpoint. ``seen_by`` names the framework's view (``detail`` adds to it), ``fix`` what to do.
+    """
+    if dist.is_available() and dist.is_initialized():
+        world = dist.get_world_size()
+        if world != num_processes:
+            raise SetupError(
+                f"torch.distributed has {world} ranks but {seen_by} sees {num_processes} process(es){detail}. On a "
+                f"machine without a GPU, {fix} so that every rank takes part."
+            )
+
+
+def uses_nccl() -> bool:
+    """Not a collective. Whether the default process group runs over NCCL (its tensors must be on the GPU)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
+
+
+def agree(exchange: Exchange, rank: int, what: str, stage: Callable[[], None]) -> str | None:
+    """Run ``stage`` here, then agree with every rank: None if it worked everywhere, else why not.
+
+    The collective is also the barrier between stages. When some rank failed,
+    a second collective carries the message of the highest failed rank to
+    every rank, so the ``save_failed`` event on the main process (and the
+    reply to a waiting ``ckptbus request``) says what went wrong; a rank that
+    failed itself reports its own error.
+    """
+    error: str | None = None
+    try:
+        stage()
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+        logger.error("ckptbus: rank %d: %s failed: %s", rank, what, error, exc_info=exc)
+    failed_rank = exchange([rank + 1 if error is not None else 0])[0] - 1
+    if failed_rank < 0:
+        return None
+    message = f"{what} failed on rank {failed_rank}: {error}".encode()[:REASON_BYTES]
+    vote = [0] * REASON_BYTES
+    if rank == failed_rank:
+        vote[: len(message)] = message
+    shared = bytes(b for b in exchange(vote) if b).decode("utf-8", "replace")
+    return shared if error is None or rank == failed_rank else f"{what} failed on rank {rank}: {error}"
+
+
+def open_votes(
+    rank: int, collective: TorchExchange, length: int = VOTE_LENGTH
+) -> tuple[SharedVotes | None, SharedVotes | TorchExchange]:
+    """The Coordinator's votes of a run: (the shared votes, if any, to close at the end; the exchange to vote with).
+
+    ``length``: ints in one vote (the coordinator's ``vote_length``). Ranks
+    on one machine vote through shared memory (plugins/shared_votes.py);
+    otherwise through ``collective`` kept off the GPU
+    (:meth:`TorchExchange.on_host`). The main process logs which.
+    """
+    shared = SharedVotes.open(rank, collective.world_size, length, collective)
+    if collective.world_size > 1 and rank == 0:
+        channel = "shared memory" if shared is not None else "collective"
+        logger.info("ckptbus: the %d ranks vote through %s", collective.world_size, channel)
+    return shared, shared or collective.on_host()
+
+
+def check_output_dir_layout(
+    output_dir: Path,
+    exchange: TorchExchange,
+    *,
+    is_main: bool,
+    is_local_main: bool,
+    save_on_each_node: bool,
+) -> None:
+    """Refuse, at start-up, an ``output_dir`` whose sharing between machines does not match ``save_on_each_node``.
+
+    With several machines a checkpoint has one committer per filesystem
+    (docs/multinode.md): the main process when ``output_dir`` is shared, the
+    local main process of each machine with ``save_on_each_node``. Get that
+    wrong and the run only finds out at its first save, hours in:
+
+    - ``save_on_each_node`` with a shared ``output_dir``: two committers rename
+      the same staging directory;
+    - a per-machine ``output_dir`` without it: the ranks of other machines find
+      no staging directory to write their RNG state into, and every save fails.
+
+    So the main process writes a probe file into ``output_dir`` and the local
+    main process of every other machine looks for it. Single-machine runs pay
+    one small collective and write nothing. Raises :class:`~ckptbus.SetupError`
+    on every rank on a mismatch.
+    """
+    if exchange.world_size == 1:
+        return
+    other_machine = is_local_main and not is_main
+    if not exchange([int(other_machine)])[0]:
+        return  # one machine: nothing to compare
+    probe = output_dir / exchange.broadcast_name(PROBE_PREFIX + secrets.token_hex(8) if is_main else "")
+    created = 1
+    if is_main:
+        try:
+            probe.touch()
+        except OSError:
+            created = 0
+    seen = not_seen = 0
+    if exchange([1 - created])[0] == 0 and other_machine:  # (also the barrier: the probe exists from here on)
+        seen, not_seen = (1, 0) if probe.exists() else (0, 1)
+    any_seen, any_not_seen = exchange([seen, not_seen])
+    if is_main:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    if save_on_each_node and any_seen:
+        raise SetupError(
+            f"save_on_each_node is true but output_dir {str(output_dir)!r} is shared between machines (another "
+            "machine sees the files the main process writes there): two committers would rename the same staging "
+            "directory. Set save_on_each_node: false, or give every machine an output_dir on its own disk."
+        )
+    if not save_on_each_node and any_not_seen:
+        raise SetupError(
+            f"output_dir {str(output_dir)!r} is not shared between machines (another machine does not see the "
+            "files the main process writes there), and save_on_each_node is false: the other machines' ranks would "
+            "find no staging directory and every save would fail. Use a directory on a shared filesystem, or set "
+            "save_on_each_node: true to keep one copy of each checkpoint per machine."
+        )

@@ -1,0 +1,1 @@
+"""Adapters from a training framework to the runtime: a hand-written accelerate loop, ``transformers.Trainer``."""

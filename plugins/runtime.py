@@ -1,0 +1,468 @@
+"""The runtime of one run: what every adapter shares, owned once.
+
+It holds the bus, the trigger sources, the votes, the coordinator, the event
+log and the run's saved / stop / failure state, and answers status, request,
+exit code, resume resolution and shutdown. An adapter (the accelerate loop,
+the ``transformers.Trainer`` callback, axolotl) supplies only what differs:
+where a step ends, and how a checkpoint is written.
+
+The life of a runtime, on every rank::
+
+    runtime = Runtime(config, sources=...)      # sources checked here
+    runtime.start(exchange, rank=..., ...)      # collective: layout probe, vote channel; sources start
+    ...  runtime.poll(step); decision = runtime.decide(step)   # at each step boundary
+         ... the adapter writes, then runtime.completed(...) / runtime.failed(...)
+    runtime.shutdown("training ended")          # no collective
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ckptbus import (
+    Bus,
+    CheckpointConfig,
+    CheckpointError,
+    EventLog,
+    SaveCompleted,
+    SaveFailed,
+    SaveKind,
+    SaveRequested,
+    SetupError,
+)
+from ckptbus._coordinator import Coordinator, Decision, exit_status, reason_table
+from ckptbus._eventlog import EVENT_LOG_NAME
+from ckptbus._layout import CheckpointInfo, latest_full, read_checkpoint, rotate
+from ckptbus._source import RunInfo, TriggerSource, check_source, close_all
+
+from .distributed import TorchExchange, agree, check_output_dir_layout, open_votes
+from .shared_votes import SharedVotes
+from .sources.file import FileTrigger
+from .sources.launcher import LauncherWatch
+from .sources.signals import SignalTrigger
+from .sources.unix_socket import UnixSocketTrigger
+
+logger = logging.getLogger("ckptbus")
+
+
+def builtin_sources(config: CheckpointConfig) -> list[TriggerSource]:
+    """ckptbus's own trigger sources, as the config asks for them (each acts on the ranks it should)."""
+    dyn = config.dynamic_checkpoint
+    if not dyn.enabled:
+        return []
+    sources: list[TriggerSource] = [FileTrigger(dyn.trigger_file_path, check_interval=dyn.check_interval)]
+    if any(action != "none" for action in dyn.signals.actions().values()):
+        sources.append(SignalTrigger(dyn.signals.actions(), debounce_seconds=dyn.signals.debounce_seconds))
+    if dyn.on_launcher_exit != "none":
+        sources.append(LauncherWatch(dyn.on_launcher_exit))
+    if dyn.socket.enabled:
+        sources.append(UnixSocketTrigger(path=dyn.socket.path, timeout=dyn.socket.timeout))
+    return sources
+
+
+def _not_started(vote: object) -> list[int]:
+    raise RuntimeError("ckptbus: the ranks cannot vote before the runtime is started")
+
+
+class Runtime:
+    """One run's checkpointing state and machinery, shared by every adapter. See the module docstring.
+
+    ``sources`` adds trigger sources of the user's own to those the config
+    enables; each is checked here (:func:`~ckptbus._source.check_source`), so
+    a wrong object fails before training starts. Requests published on
+    :attr:`bus` before :meth:`start` wait for the first vote.
+    """
+
+    def __init__(self, config: CheckpointConfig, *, sources: Iterable[object] = ()) -> None:
+        self.config = config
+        self.bus = Bus()
+        """The run's bus: subscribe to ``save_completed`` and friends here."""
+        self.sources: list[TriggerSource] = builtin_sources(config) + [check_source(s) for s in sources]
+        self.signals = next((s for s in self.sources if isinstance(s, SignalTrigger)), None)
+        dyn = config.dynamic_checkpoint
+        self.coordinator = Coordinator(
+            _not_started,
+            check_interval=dyn.check_interval,
+            save_steps=config.save_steps,
+            # A source that must be honoured within a step (signals, the launcher watch) has ranks vote every step.
+            every_step=any(getattr(s, "urgent", False) for s in self.sources),
+            reasons=reason_table(r for s in self.sources if isinstance(r := getattr(s, "reason", None), str)),
+        )
+        self.bus.subscribe("save_requested", self.coordinator.enqueue)
+        self.exchange: TorchExchange | None = None
+        self.rank = 0
+        self.world_size = 1
+        self.last_step = 0
+        self.stopped = False
+        self.running = False
+        self._stop_signum = 0
+        self._failed_save: SaveFailed | None = None
+        self._saved: dict[int, SaveCompleted] = {}
+        self._votes: SharedVotes | None = None
+        self._event_log: EventLog | None = None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    # -- start --------------------------------------------------------------
+
+    def start(
+        self,
+        exchange: TorchExchange,
+        *,
+        rank: int,
+        local_rank: int,
+        save_on_each_node: bool,
+        step: int = 0,
+    ) -> None:
+        """Collective (every rank calls it): check the output_dir layout, open the votes, start the sources.
+
+        Raises :class:`~ckptbus.SetupError` on every rank for an output_dir
+        whose sharing does not match ``save_on_each_node``, or ranks whose
+        sources declare different reasons.
+        """
+        self.exchange = exchange
+        self.rank = rank
+        self.world_size = exchange.world_size
+        self.last_step = step
+        self.stopped = False
+        self._stop_signum = 0
+        self._failed_save = None
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        check_output_dir_layout(
+            self.output_dir,
+            exchange,
+            is_main=rank == 0,
+            is_local_main=local_rank == 0,
+            save_on_each_node=save_on_each_node,
+        )
+        self._check_same_reasons()
+        self._votes, votes = open_votes(rank, exchange, self.coordinator.vote_length)
+        self.coordinator.exchange = votes
+        # Pipelined: a vote started at one step is read at the next, while it computes (Coordinator docs).
+        self.coordinator.start_exchange = votes.start if self.world_size > 1 else None
+        if self.config.dynamic_checkpoint.event_log and rank == 0:
+            self._event_log = EventLog(self.output_dir / EVENT_LOG_NAME).attach(self.bus)
+        run = RunInfo(
+            rank=rank, world_size=self.world_size, local_rank=local_rank, output_dir=self.output_dir, status=self.status
+        )
+        self.running = True
+        for source in self.sources:
+            source.start(self.bus, run)
+
+    def _check_same_reasons(self) -> None:
+        table = "\0".join(self.coordinator.reasons).encode()
+        crc = zlib.crc32(table)
+        highest, minus_lowest = self.agreed([crc, -crc])
+        if highest != -minus_lowest:
+            raise SetupError(
+                "the ranks run trigger sources with different reasons (votes would not line up): pass the same "
+                "sources=... on every rank; a source that should act on one rank only can check run.rank in start()"
+            )
+
+    # -- each step ----------------------------------------------------------
+
+    def poll(self, step: int) -> None:
+        """Every source looks at this step boundary (before the ranks vote)."""
+        self.last_step = step
+        for source in self.sources:
+            source.poll(step)
+
+    def decide(self, step: int, *, force: bool = False, scheduled: bool = True) -> Decision | None:
+        """Collective at due steps: what every rank agreed to save now, or None (:meth:`Coordinator.decide`)."""
+        return self.coordinator.decide(step, force=force, scheduled=scheduled)
+
+    def already_saved(self, decision: Decision) -> SaveCompleted | None:
+        """If this step is on disk in a kind that covers ``decision``, answer the requests with it and return it."""
+        earlier = self._saved.get(decision.step)
+        if earlier is None or (earlier.kind != "full" and decision.kind != "weights"):
+            return None
+        answer = SaveCompleted(
+            path=earlier.path, bytes=earlier.bytes, seconds=0.0, **decision.event_fields(kind=earlier.kind)
+        )
+        self.bus.publish(answer)
+        return answer
+
+    def stop_after(self, decision: Decision) -> None:
+        """Record that the ranks stop at this step if ``decision`` asked for it (with its signal, for the exit code)."""
+        if decision.exit_after:
+            self.stopped = True
+            self._stop_signum = self._stop_signum or decision.signum
+
+    def agreed(self, vote: Sequence[int]) -> list[int]:
+        """Element-wise maximum of ``vote`` over the ranks (the run's collective; identity before start)."""
+        return self.exchange(vote) if self.exchange is not None else list(vote)
+
+    def agree(self, what: str, stage: Callable[[], None]) -> str | None:
+        """Run ``stage`` here and agree with every rank whether it worked: None, or why not (plugins/distributed.py)."""
+        return agree(self.agreed, self.rank, what, stage)
+
+    # -- the outcome of a save ----------------------------------------------
+
+    def failed(self, decision: Decision, kind: SaveKind, error: str) -> SaveFailed:
+        """Every rank agreed that the save of ``decision`` failed: log it once, publish it, record it."""
+        if self.rank == 0:
+            logger.error("ckptbus: %s checkpoint at step %d failed: %s", kind, decision.step, error)
+        outcome = SaveFailed(error=error, **decision.event_fields(kind))
+        self.bus.publish(outcome)
+        self.settle(outcome)
+        return outcome
+
+    def completed(
+        self,
+        decision: Decision,
+        kind: SaveKind,
+        path: Path,
+        *,
+        committer: bool,
+        figures: tuple[int, float, float],
+        started: float,
+    ) -> SaveCompleted:
+        """Every rank agreed that ``path`` is committed: rotate older checkpoints, then publish and record it.
+
+        ``figures`` are the committer's bytes, stall and write seconds (as in
+        the manifest); they travel to every rank in one collective.
+        """
+        seconds = time.perf_counter() - started
+        if committer:
+            self._rotate(path)
+        nbytes, stall_ms, write_ms = self.agreed([figures[0], round(figures[1] * 1000), round(figures[2] * 1000)])
+        if self.rank == 0:
+            logger.info(
+                "ckptbus: saved %s checkpoint %s (%d bytes) in %.2f s (training held %.2f s)",
+                kind,
+                path,
+                nbytes,
+                seconds,
+                stall_ms / 1000,
+            )
+        outcome = SaveCompleted(
+            path=str(path),
+            bytes=nbytes,
+            seconds=seconds,
+            stall_seconds=stall_ms / 1000,
+            write_seconds=write_ms / 1000,
+            **decision.event_fields(kind),
+        )
+        self.bus.publish(outcome)
+        self.settle(outcome)
+        return outcome
+
+    def settle(self, outcome: SaveCompleted | SaveFailed | None) -> None:
+        """Record the agreed outcome of a save (None: nothing ended yet)."""
+        if isinstance(outcome, SaveCompleted):
+            self._saved[outcome.step] = outcome
+        elif outcome is not None and self.config.dynamic_checkpoint.on_save_failure == "stop":
+            # Every rank got the same agreed outcome, so every rank stops at this step.
+            self.stopped = True
+            self._failed_save = outcome
+
+    def manifest_fields(self, decision: Decision, kind: SaveKind) -> dict[str, Any]:
+        """What the manifest of this save records besides its files and times."""
+        fields = decision.event_fields(kind)
+        return {
+            "step": decision.step,
+            "kind": kind,
+            "reason": decision.reason,
+            "world_size": self.world_size,
+            "labels": list(fields["labels"]),
+            "request_ids": list(fields["request_ids"]),
+        }
+
+    def _rotate(self, final: Path) -> None:
+        limit = self.config.save_total_limit
+        if limit is None:
+            return
+        try:
+            for path in rotate(self.output_dir, limit, on_demand=self.config.rotate_on_demand, keep=(final,)):
+                logger.info("ckptbus: save_total_limit=%d: deleted %s", limit, path)
+        except OSError as exc:
+            logger.warning("ckptbus: rotation failed (%s); older checkpoints are kept", exc)
+
+    # -- what scripts and the socket read -----------------------------------
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once training must stop, or a stopping signal reached this rank and waits for the next vote."""
+        return self.stopped or (self.signals is not None and self.signals.stop_requested)
+
+    @property
+    def exit_code(self) -> int:
+        """``128 + signal number`` after a stop asked for by a signal, 1 after a stop because a save failed
+        (``on_save_failure: stop``), else 0."""
+        return exit_status(self.stopped, self._stop_signum, self._failed_save is not None)
+
+    @property
+    def failed_save(self) -> SaveFailed | None:
+        """The failed save that stopped training (``on_save_failure: stop``), or None."""
+        return self._failed_save
+
+    @property
+    def last_checkpoint(self) -> SaveCompleted | None:
+        """The newest checkpoint this run completed, or None."""
+        return self._saved[max(self._saved)] if self._saved else None
+
+    def status(self) -> dict[str, object]:
+        """A snapshot for status displays; safe to call from any thread (it only reads)."""
+        last = self.last_checkpoint
+        return {
+            "step": self.last_step,
+            "last_checkpoint": last.path if last else None,
+            "last_checkpoint_step": last.step if last else None,
+            "pending_requests": self.coordinator.pending_count(),
+            "world_size": self.world_size,
+            "stopping": self.stopped,
+        }
+
+    def request(self, kind: SaveKind = "full", *, label: str | None = None, exit_after: bool = False) -> str:
+        """Ask for a checkpoint from any thread; returns the request id (served at the next vote)."""
+        request = SaveRequested(kind=kind, reason="api", label=label, exit_after=exit_after)
+        self.bus.publish(request)
+        return request.request_id
+
+    # -- resume -------------------------------------------------------------
+
+    def resolve_resume(self, checkpoint: str | os.PathLike[str] | None) -> CheckpointInfo | None:
+        """The complete full checkpoint to resume from, or None (nothing asked, or ``latest`` found none).
+
+        ``checkpoint``: a path, ``"latest"``, or None for the config's
+        ``resume_from_checkpoint``. Once started this is a collective: the
+        ranks agree on the step before anything is loaded, and a failure on
+        one rank is a :class:`~ckptbus.CheckpointError` on every rank.
+        """
+        target = checkpoint if checkpoint is not None else self.config.resume_from_checkpoint
+        if target is None:
+            return None
+        info: CheckpointInfo | None = None
+        error: CheckpointError | None = None
+        try:
+            info = self._resolve(os.fspath(target))
+        except CheckpointError as exc:
+            error = exc
+        step = info.step if info is not None else -1
+        highest, minus_lowest, failed = self.agreed([step, -step, int(error is not None)])
+        if error is not None:
+            raise error
+        if failed:
+            raise CheckpointError(f"resume from {os.fspath(target)!r} failed on another rank (see its log)")
+        if highest != -minus_lowest:
+            raise CheckpointError(
+                f"ranks found different checkpoints for {os.fspath(target)!r} (steps {-minus_lowest} to {highest}): "
+                "with one output_dir per node every node must hold the same checkpoints; pass the path of one "
+                "that all nodes have"
+            )
+        if info is None:
+            logger.info(
+                "ckptbus: resume_from_checkpoint=latest: no complete full checkpoint in %s; starting fresh",
+                self.output_dir,
+            )
+            return None
+        if info.manifest.world_size != self.world_size and self.running:
+            logger.warning(
+                "ckptbus: %s was saved by %d processes and this run has %d: the RNG state of every rank cannot be "
+                "restored, so the run will not repeat an uninterrupted one exactly",
+                info.path,
+                info.manifest.world_size,
+                self.world_size,
+            )
+        return info
+
+    def _resolve(self, target: str) -> CheckpointInfo | None:
+        """The complete full checkpoint ``target`` names (None: ``latest`` found none); raises CheckpointError."""
+        if target == "latest":
+            return latest_full(self.output_dir)
+        info = read_checkpoint(target)
+        if info.manifest.kind != "full":
+            raise CheckpointError(
+                f"{info.path} is a weights-only checkpoint (model.safetensors, no optimizer or RNG state); it "
+                "cannot resume training. Pick a full checkpoint (`ckptbus list --output-dir ...` shows the kinds) "
+                "or load these weights with from_pretrained."
+            )
+        return info
+
+    # -- the end ------------------------------------------------------------
+
+    def shutdown(self, why: str, *, abandoned: dict[str, Any] | None = None) -> None:
+        """Release everything without any collective: a save that was not committed and every pending request
+        fail with ``why``; the sources stop; the votes close. Safe to call twice."""
+        if not self.running:
+            return
+        self.running = False
+        if abandoned is not None:
+            self.bus.publish(
+                SaveFailed(**abandoned, error=f"{why} before the checkpoint was committed; it was not made visible")
+            )
+        for request in self.coordinator.drain():
+            self.bus.publish(SaveFailed.unserved(request, self.last_step, f"{why} before the request could be served"))
+        close_all(self.sources)
+        if self._votes is not None:
+            self._votes.close()
+            self._votes = None
+        if self._event_log is not None:
+            self._event_log.detach()
+            self._event_log = None
+
+
+class RunControls:
+    """What a training script reads and asks of its run, the same under every adapter (they inherit it)."""
+
+    _runtime: Runtime
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the ranks agreed to stop training (after a save that asked to exit, or a failed save with
+        ``on_save_failure: stop``)."""
+        return self._runtime.stopped
+
+    @property
+    def stop_requested(self) -> bool:
+        """True once training must stop, or a stopping signal reached this rank and waits for the next vote.
+
+        Needs no collective, so a long evaluation or inner loop may check it
+        as often as it likes to cut rank-local work short; the ranks agree on
+        the stop (and save) at the next step boundary, which every rank must
+        still reach.
+        """
+        return self._runtime.stop_requested
+
+    @property
+    def exit_code(self) -> int:
+        """The exit status a script should end with: ``128 + signal number`` after a stop asked for by a signal,
+        1 after a stop because a save failed (``on_save_failure: stop``), else 0: ``sys.exit(x.exit_code)``."""
+        return self._runtime.exit_code
+
+    @property
+    def failed_save(self) -> SaveFailed | None:
+        """The failed save that stopped training (``on_save_failure: stop``), or None."""
+        return self._runtime.failed_save
+
+    @property
+    def last_step(self) -> int:
+        """The step of the last step boundary seen (or the resumed step)."""
+        return self._runtime.last_step
+
+    @property
+    def last_checkpoint(self) -> SaveCompleted | None:
+        """The newest checkpoint this run completed, or None."""
+        return self._runtime.last_checkpoint
+
+    def status(self) -> dict[str, object]:
+        """A snapshot for status displays (what ``ckptbus status`` shows); safe from any thread (it only reads)."""
+        return self._runtime.status()
+
+    def request(self, kind: SaveKind = "full", *, label: str | None = None, exit_after: bool = False) -> str:
+        """Ask for a checkpoint from any thread; returns the request id.
+
+        It is saved at the next step where ranks vote: within ``check_interval``
+        steps, or, while signals are handled, at this step or the next (the
+        vote is pipelined with several ranks); watch ``bus.save_completed``
+        for the result.
+        """
+        return self._runtime.request(kind, label=label, exit_after=exit_after)
