@@ -2,7 +2,8 @@
 
 The core (this package) imports no torch. The parts that plug into a run
 (trigger sources, the accelerate sink, :class:`~ckptbus.plugins.DynamicCheckpoint`)
-live in :mod:`ckptbus.plugins`.
+live in :mod:`ckptbus.plugins`; :class:`TriggerSource` is the contract a source of
+your own keeps.
 """
 
 from ._bus import SIGNAL_NAMES, Bus
@@ -11,6 +12,7 @@ from ._errors import CheckpointError, CkptbusError, ConfigError, SetupError
 from ._eventlog import EventLog
 from ._events import ReceiverFailed, SaveCompleted, SaveFailed, SaveKind, SaveRequested, SaveStarted
 from ._layout import CheckpointInfo, Manifest, checkpoint_path, latest_full, list_checkpoints, read_checkpoint
+from ._source import RunInfo, TriggerSource
 
 __all__ = [
     "SIGNAL_NAMES",
@@ -24,12 +26,14 @@ __all__ = [
     "EventLog",
     "Manifest",
     "ReceiverFailed",
+    "RunInfo",
     "SaveCompleted",
     "SaveFailed",
     "SaveKind",
     "SaveRequested",
     "SaveStarted",
     "SetupError",
+    "TriggerSource",
     "checkpoint_path",
     "latest_full",
     "list_checkpoints",

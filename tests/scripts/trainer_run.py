@@ -1,6 +1,7 @@
 """A real ``transformers.Trainer`` run with the ckptbus callback, configured by an axolotl-style YAML file.
 
     accelerate launch --multi_gpu --num_processes 2 trainer_run.py CONFIG.yaml [--resume latest|PATH] [--no-cpu]
+        [--every SECONDS]
 
 Started by tests/test_hf_trainer.py. The YAML file is an axolotl config: its
 ``dynamic_checkpoint`` block is read by ckptbus and every other key (model,
@@ -9,7 +10,8 @@ The model is a tiny GPT-2 built from a config and the data is made here from
 a seed, so nothing is downloaded. The main process appends ``{"step", "loss"}``
 to ``<output_dir>/metrics.jsonl`` after every optimizer step, so tests can
 wait on progress. The script exits with the callback's exit code (130 after
-Ctrl+C).
+Ctrl+C). ``--every SECONDS`` adds a trigger source of the user's own
+(every_seconds.py).
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ def main() -> int:
     raw = yaml.safe_load(Path(config_path).read_text(encoding="utf-8"))
     resume = sys.argv[sys.argv.index("--resume") + 1] if "--resume" in sys.argv else None
 
-    ckpt = DynamicCheckpointCallback.from_yaml(config_path, ignore_unknown=True)  # ckptbus
+    sources = []
+    if "--every" in sys.argv:
+        from every_seconds import EverySeconds
+
+        sources.append(EverySeconds(float(sys.argv[sys.argv.index("--every") + 1])))
+    ckpt = DynamicCheckpointCallback.from_yaml(config_path, ignore_unknown=True, sources=sources)  # ckptbus
     args = TrainingArguments(
         output_dir=raw["output_dir"],
         max_steps=int(raw["max_steps"]),

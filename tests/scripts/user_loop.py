@@ -1,6 +1,6 @@
 """A user's own accelerate training loop that adopted ckptbus (the lines marked ``ckptbus``).
 
-    accelerate launch --multi_gpu --num_processes 2 user_loop.py OUTPUT_DIR [--no-cpu]
+    accelerate launch --multi_gpu --num_processes 2 user_loop.py OUTPUT_DIR [--no-cpu] [--every SECONDS]
 
 Started by tests/test_python_api.py. Besides the three lines it subscribes
 receivers of its own to the bus: one that raises on every event it gets, and
@@ -8,6 +8,7 @@ one that records ``save_completed`` on every rank and stops training 20
 steps after the first checkpoint (so the run ends by itself, with ``close``).
 ``--no-cpu`` makes ``Accelerator()`` without ``cpu=True``: on a machine with
 no GPU every rank then believes it is alone, and ckptbus must refuse.
+``--every SECONDS`` adds a trigger source of the user's own (every_seconds.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,12 @@ def main() -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    ckpt = DynamicCheckpoint(accelerator, out)  # ckptbus
+    sources = []
+    if "--every" in sys.argv:
+        from every_seconds import EverySeconds
+
+        sources.append(EverySeconds(float(sys.argv[sys.argv.index("--every") + 1])))
+    ckpt = DynamicCheckpoint(accelerator, out, sources=sources)  # ckptbus
 
     stop_at = [10**9]
 
