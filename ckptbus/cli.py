@@ -1,6 +1,6 @@
 """The ``ckptbus`` command: ``request``, ``status`` and ``list``. Imports no torch (it starts fast).
 
-Exit codes (``docs/cli.md``): 0 success, 1 error reply or unexpected
+Exit codes (``ckptbus --help``): 0 success, 1 error reply or unexpected
 problem, 2 usage, 3 run not reachable, 4 save failed, 5 timed out, 130
 interrupted.
 """
@@ -8,19 +8,32 @@ interrupted.
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
+from typing import Any
 
+from .commands._common import EXIT_USAGE, Parser, UsageError, emit_json
 from .commands.list import list_command_parser
 from .commands.request import request_command_parser
 from .commands.status import status_command_parser
 
+EPILOG = """\
+Run 'ckptbus COMMAND --help' for a command's options, its output and its
+--json form.
+
+exit codes: 0 ok, 1 error, 2 usage (bad arguments, a missing output
+directory), 3 run not reachable, 4 save failed, 5 timed out, 130 interrupted"""
+
 
 def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         "ckptbus",
-        description="On-demand checkpoints for a running accelerate job (docs/cli.md).",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 run not reachable, 4 save failed, 5 timed out",
+        description="On-demand checkpoints for a running accelerate job: ask it for a checkpoint\n"
+        "(request), see where it is (status), list the checkpoints on disk (list).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action=_VersionAction, help="print the version of ckptbus and exit")
     subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     request_command_parser(subparsers)
     status_command_parser(subparsers)
@@ -29,13 +42,62 @@ def get_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     parser = get_parser()
-    args = parser.parse_args(argv)
+    try:
+        _check_command(parser, argv)
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        return _usage_error(exc, as_json="--json" in argv)
     if not hasattr(args, "func"):
         parser.print_help(sys.stderr)
-        return 2
+        return EXIT_USAGE
     code: int = args.func(args)
     return code
+
+
+def _check_command(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """Name the closest command for a mistyped one (argparse only lists them all)."""
+    word = next((arg for arg in argv if not arg.startswith("-")), None)
+    commands = _commands(parser)
+    if word is None or word in commands:
+        return
+    close = difflib.get_close_matches(word, commands, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]!r}?" if close else f"the commands are {', '.join(commands)}"
+    raise UsageError(parser, f"unknown command {word!r}; {hint}")
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[str]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
+
+
+def _usage_error(error: UsageError, *, as_json: bool) -> int:
+    if as_json:
+        emit_json({"ok": False, "exit_code": error.exit_code, "error": {"code": error.code, "message": error.message}})
+    else:
+        error.parser.print_usage(sys.stderr)
+        print(f"{error.parser.prog}: error: {error.message}", file=sys.stderr)
+    return error.exit_code
+
+
+class _VersionAction(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked (it reads metadata)."""
+
+    def __init__(self, option_strings: list[str], dest: str, help: str | None = None) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            text = version("ckptbus")
+        except PackageNotFoundError:
+            text = "unknown (not installed)"
+        print(f"ckptbus {text}")
+        parser.exit()
 
 
 if __name__ == "__main__":

@@ -109,7 +109,8 @@ class Runtime:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.config.output_dir)
+        """The run's output_dir, absolute: paths in events, replies and logs mean the same from any directory."""
+        return Path(os.path.abspath(self.config.output_dir))
 
     # -- start --------------------------------------------------------------
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
 import sys
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from .._config import CheckpointConfig, build, read_yaml
 from .._errors import ConfigError
+from .._layout import CHECKPOINT_PREFIX, MANIFEST_NAME, list_checkpoints
 from .._socket_path import client_socket_path
 
 EXIT_OK: Final = 0
@@ -48,30 +51,81 @@ class CommandError(Exception):
         self.message = message
 
 
-def command_parser(subparsers: Any, name: str, summary: str, description: str) -> argparse.ArgumentParser:
-    """The parser of ``ckptbus <name>``: a subcommand of ``subparsers``, or on its own when that is None."""
-    kwargs: dict[str, Any] = {"description": description, "formatter_class": argparse.RawDescriptionHelpFormatter}
+class UsageError(CommandError):
+    """Bad arguments, as argparse found them; ``parser`` prints the usage line of the command concerned."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(EXIT_USAGE, "usage", message)
+        self.parser = parser
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` that raises :class:`UsageError` instead of exiting.
+
+    So that ``--json`` gets its JSON error for bad arguments too (argparse
+    itself prints text and exits). Subparsers are made of this class as well.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(self, message)
+
+
+def command_parser(
+    subparsers: Any, name: str, summary: str, description: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
+    """The parser of ``ckptbus <name>``: a subcommand of ``subparsers``, or on its own when that is None.
+
+    ``description`` and ``epilog`` are printed as written (line breaks kept).
+    """
+    kwargs: dict[str, Any] = {
+        "description": description,
+        "epilog": epilog,
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
     if subparsers is None:
-        return argparse.ArgumentParser(f"ckptbus {name}", **kwargs)
+        return Parser(f"ckptbus {name}", **kwargs)
     parser: argparse.ArgumentParser = subparsers.add_parser(name, help=summary, **kwargs)
     return parser
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, *, socket: bool = True) -> None:
     """``--output-dir`` / ``--config`` (and ``--socket``): which run a command talks to."""
-    group = parser.add_argument_group("which run")
-    group.add_argument("--output-dir", metavar="DIR", help="the run's output_dir (finds its socket, even a moved one)")
+    group = parser.add_argument_group("which run (give one)")
+    group.add_argument(
+        "--output-dir",
+        metavar="DIR",
+        help="the run's output_dir, the folder that holds its checkpoint-<step> folders (not one of them). "
+        "A relative output_dir in the run's config is relative to the folder the run was started in: run ckptbus "
+        "from there, or give the absolute path."
+        + (
+            " The run's socket is DIR/ckptbus.sock, or where DIR/ckptbus.sock.path points (long paths)."
+            if socket
+            else ""
+        ),
+    )
     group.add_argument(
         "--config",
         metavar="FILE",
-        help="the run's YAML config: output_dir, save_total_limit and dynamic_checkpoint.socket.path are read from it",
+        help="the run's YAML config: its output_dir"
+        + (" and dynamic_checkpoint.socket.path are" if socket else ", save_total_limit and rotate_on_demand are")
+        + " read from it; the training script's own keys are ignored. --output-dir given as well wins over the "
+        "file's output_dir.",
     )
     if socket:
-        group.add_argument("--socket", metavar="PATH", help="the socket path itself (instead of --output-dir)")
+        group.add_argument(
+            "--socket",
+            metavar="PATH",
+            help="the run's UNIX socket itself, instead of --output-dir/--config (for a socket.path set in the config)",
+        )
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout (for programs)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON object on stdout instead of text, errors included: {"ok": true, ...} or '
+        '{"ok": false, "exit_code": N, "error": {"code": ..., "message": ...}}',
+    )
 
 
 def read_config(path: str) -> CheckpointConfig:
@@ -90,20 +144,85 @@ def output_dir_of(args: argparse.Namespace, config: CheckpointConfig | None) -> 
     return config.output_dir if config is not None else None
 
 
-def socket_of(args: argparse.Namespace) -> Path:
-    """The socket a command connects to, from ``--socket``, ``--output-dir`` or ``--config``."""
+_CHECKPOINT_NAME = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}\d+$")
+
+
+def check_output_dir(output_dir: str, *, must_exist: bool = True) -> None:
+    """Refuse, with a message that says what to give instead, a missing folder or a checkpoint given as output_dir.
+
+    Raises :class:`CommandError` (exit 2). ``must_exist=False``: only the
+    checkpoint check (the run's socket may be elsewhere, from its config).
+    """
+    path = Path(output_dir)
+    if not path.is_dir():
+        if not must_exist:
+            return
+        what = "is not a directory" if path.exists() else "does not exist"
+        hint = (
+            ""
+            if path.is_absolute()
+            else f" (from {os.getcwd()}; a relative output_dir is relative to the folder the run was started in)"
+        )
+        raise CommandError(EXIT_USAGE, "usage", f"output directory {output_dir} {what}{hint}")
+    if _is_checkpoint(path):
+        parent = Path(os.path.abspath(path)).parent
+        raise CommandError(
+            EXIT_USAGE,
+            "usage",
+            f"{output_dir} is a checkpoint, not a run's output directory: use --output-dir {parent}",
+        )
+
+
+def _is_checkpoint(path: Path) -> bool:
+    # A complete checkpoint holds its manifest; a checkpoint-<step> folder without one (a Trainer's own, or an
+    # incomplete one) counts too unless it holds checkpoints itself (an output_dir that happens to be so named).
+    if (path / MANIFEST_NAME).is_file():
+        return True
+    return bool(_CHECKPOINT_NAME.match(path.name)) and not list_checkpoints(path)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    """The run a command talks to."""
+
+    socket: Path
+    output_dir: str | None
+    """The run's output_dir as the user named it (``--output-dir`` or the config); None with ``--socket``."""
+
+
+def target_of(args: argparse.Namespace) -> Target:
+    """The run named by ``--socket``, ``--output-dir`` or ``--config``. Raises :class:`CommandError` (exit 2)."""
     given = [name for name in ("socket", "output_dir", "config") if getattr(args, name, None) is not None]
     if not given:
         raise CommandError(EXIT_USAGE, "usage", "say which run: --output-dir DIR (or --socket PATH, or --config FILE)")
     if args.socket is not None:
         if len(given) > 1:
             raise CommandError(EXIT_USAGE, "usage", "--socket names the run by itself; leave out --output-dir/--config")
-        return client_socket_path(sock=args.socket)
+        return Target(client_socket_path(sock=args.socket), None)
     config = read_config(args.config) if args.config is not None else None
     output_dir = output_dir_of(args, config)
     assert output_dir is not None
     configured = config.dynamic_checkpoint.socket.path if config is not None else None
-    return client_socket_path(output_dir=output_dir, configured=configured)
+    # A configured socket path does not depend on output_dir: only then may the folder be missing here.
+    check_output_dir(output_dir, must_exist=configured is None)
+    return Target(client_socket_path(output_dir=output_dir, configured=configured), output_dir)
+
+
+def socket_of(args: argparse.Namespace) -> Path:
+    """The socket a command connects to (see :func:`target_of`)."""
+    return target_of(args).socket
+
+
+def in_output_dir(path: str, output_dir: str | os.PathLike[str]) -> str:
+    """``path``, a checkpoint the run named, made absolute against the run's ``output_dir`` (absolute itself).
+
+    A run names its checkpoints ``<output_dir as configured>/checkpoint-<step>``, relative to the folder the
+    run was started in when its output_dir is relative; a checkpoint always sits right inside output_dir, so its
+    folder name is all that is kept.
+    """
+    if os.path.isabs(path):
+        return path
+    return str(Path(output_dir) / Path(path).name)
 
 
 def emit_json(data: dict[str, Any]) -> None:
@@ -115,5 +234,6 @@ def fail(args: argparse.Namespace, error: CommandError) -> int:
     if getattr(args, "json", False):
         emit_json({"ok": False, "exit_code": error.exit_code, "error": {"code": error.code, "message": error.message}})
     else:
-        print(f"ckptbus {args.command}: {error.message}", file=sys.stderr)
+        command = getattr(args, "command", None)
+        print(f"ckptbus {command}: {error.message}" if command else f"ckptbus: {error.message}", file=sys.stderr)
     return error.exit_code

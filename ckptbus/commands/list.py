@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
+from .._eventlog import EVENT_LOG_NAME
 from .._layout import CheckpointInfo, list_checkpoints, rotation_victims
 from ._common import (
+    EXIT_ERROR,
     EXIT_OK,
     EXIT_USAGE,
     CommandError,
     add_json_argument,
     add_target_arguments,
+    check_output_dir,
     command_parser,
     emit_json,
     fail,
     output_dir_of,
     read_config,
 )
+from ._save_history import MatplotlibMissing, history_title, plot_save_history, read_save_history
 
 DESCRIPTION = """\
 List the complete checkpoints in an output directory, oldest first: step, kind,
@@ -26,20 +32,45 @@ what asked for it (reason and labels), size, creation time (UTC), and whether
 save_total_limit rotation keeps it. The limit is not stored on disk: give it
 with --save-total-limit N (and --rotate-on-demand), or --config FILE to read
 save_total_limit and rotate_on_demand from the run's config; without either,
-the ROTATION column shows '-'. Incomplete directories are not listed."""
+the ROTATION column shows '-'. Incomplete directories are not listed.
+
+--plot FILE draws the run's save history from its event log
+(DIR/ckptbus-events.jsonl): when each save finished, how long it took and how
+long it held training, failed saves included. It needs matplotlib."""
+
+EPILOG = """\
+--json: {"ok": true, "output_dir", "save_total_limit", "rotate_on_demand",
+"checkpoints": [{"path", "step", "kind", "reason", "labels", "bytes",
+"created", "world_size", "keep"}]} ("keep" is null without a limit), and
+"plot": the image's absolute path with --plot
+
+exit codes: 0 ok (also when there is no checkpoint yet), 1 --plot failed (no
+event log, or no matplotlib), 2 usage (a missing folder, or a checkpoint
+given as --output-dir)"""
 
 
 def list_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
-    parser = command_parser(subparsers, "list", "list complete checkpoints on disk", DESCRIPTION)
+    parser = command_parser(subparsers, "list", "list complete checkpoints on disk", DESCRIPTION, EPILOG)
     add_target_arguments(parser, socket=False)
     parser.add_argument(
-        "--save-total-limit", type=int, metavar="N", help="the run's save_total_limit (overrides --config)"
+        "--save-total-limit",
+        type=int,
+        metavar="N",
+        help="the run's save_total_limit, to show which checkpoints its rotation keeps and which it deletes once "
+        "the next one is complete (overrides --config)",
     )
     parser.add_argument(
         "--rotate-on-demand",
         action="store_true",
         default=None,
-        help="the run's rotate_on_demand: on-demand checkpoints count toward the limit too",
+        help="the run's rotate_on_demand: on-demand checkpoints count toward the limit too (by default only "
+        "scheduled ones do)",
+    )
+    parser.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also draw the run's save history from its event log into FILE (.png, .svg or .pdf): when each save "
+        "finished, how long it took, how long it held training; needs matplotlib",
     )
     add_json_argument(parser)
     if subparsers is not None:
@@ -53,8 +84,7 @@ def list_command(args: argparse.Namespace) -> int:
         output_dir = output_dir_of(args, config)
         if output_dir is None:
             raise CommandError(EXIT_USAGE, "usage", "say where: --output-dir DIR (or --config FILE)")
-        if not os.path.isdir(output_dir):
-            raise CommandError(EXIT_USAGE, "usage", f"{output_dir} is not a directory")
+        check_output_dir(output_dir)
         limit = (
             args.save_total_limit
             if args.save_total_limit is not None
@@ -65,12 +95,14 @@ def list_command(args: argparse.Namespace) -> int:
         on_demand = (
             args.rotate_on_demand if args.rotate_on_demand is not None else bool(config and config.rotate_on_demand)
         )
+        plot_note = _plot(output_dir, args.plot) if args.plot is not None else None
     except CommandError as exc:
         return fail(args, exc)
     checkpoints = list_checkpoints(output_dir)
     victims = {c.path for c in rotation_victims(checkpoints, limit, on_demand=on_demand)}
     rows = [_row(c, None if limit is None else c.path not in victims) for c in checkpoints]
     if args.json:
+        plot = {"plot": os.path.abspath(args.plot)} if args.plot is not None else {}
         emit_json(
             {
                 "ok": True,
@@ -78,17 +110,44 @@ def list_command(args: argparse.Namespace) -> int:
                 "save_total_limit": limit,
                 "rotate_on_demand": on_demand,
                 "checkpoints": rows,
+                **plot,
             }
         )
     else:
         print(format_table(rows) if rows else f"no complete checkpoints in {output_dir}")
+        if plot_note is not None:
+            print(f"ckptbus list: {plot_note}", file=sys.stderr)  # stderr: stdout stays the table
     return EXIT_OK
+
+
+def _plot(output_dir: str, image: str) -> str:
+    """Draw the save history of the run in ``output_dir`` into ``image``; returns what to tell the user."""
+    log = Path(output_dir) / EVENT_LOG_NAME
+    try:
+        records = read_save_history(log)
+    except FileNotFoundError:
+        raise CommandError(
+            EXIT_ERROR,
+            "no_event_log",
+            f"no event log at {log}: the run writes one unless dynamic_checkpoint.event_log is false",
+        ) from None
+    except OSError as exc:
+        raise CommandError(EXIT_ERROR, "no_event_log", f"cannot read {log}: {exc.strerror or exc}") from None
+    if not records:
+        raise CommandError(EXIT_ERROR, "no_event_log", f"{log} holds no save yet: nothing to plot")
+    try:
+        plot_save_history(records, image, title=history_title(os.path.abspath(output_dir), records))
+    except MatplotlibMissing as exc:
+        raise CommandError(EXIT_ERROR, "no_matplotlib", str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise CommandError(EXIT_USAGE, "usage", f"cannot write the plot to {image}: {exc}") from None
+    return f"save history ({len(records)} saves) drawn in {os.path.abspath(image)}"
 
 
 def _row(info: CheckpointInfo, keep: bool | None) -> dict[str, Any]:
     m = info.manifest
     return {
-        "path": str(info.path),
+        "path": os.path.abspath(info.path),  # usable from any folder, like the paths request prints
         "step": m.step,
         "kind": m.kind,
         "reason": m.reason,

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
 from .._client import ClientError, ConnectionLost, NotReachable, TimedOut, call
-from .._protocol import MAX_LABEL_CHARS, ProtocolError, SaveRequest, encode, parse_request, request_message
+from .._protocol import (
+    MAX_LABEL_CHARS,
+    ProtocolError,
+    SaveRequest,
+    StatusRequest,
+    encode,
+    parse_request,
+    request_message,
+)
 from ._common import (
     EXIT_ERROR,
     EXIT_FOR_ERROR_CODE,
@@ -17,40 +26,66 @@ from ._common import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     CommandError,
+    Target,
     add_json_argument,
     add_target_arguments,
     command_parser,
     emit_json,
     fail,
-    socket_of,
+    in_output_dir,
+    target_of,
 )
 
 DESCRIPTION = """\
 Ask the training run for a checkpoint. Every rank saves the same step (the next
 step where the ranks vote). By default the command waits and prints the path of
 the complete checkpoint; with --no-wait it prints the request id and returns.
-Requests that arrive while one is pending share its save."""
+Requests that arrive while one is pending share its save.
+
+Nothing is printed on stdout but the answer, so path=$(ckptbus request ...)
+works; progress goes to stderr. Ctrl+C while waiting stops waiting (exit 130);
+the request stays queued in the run."""
+
+EPILOG = """\
+output:
+  the absolute path of the complete checkpoint (with --no-wait: the request id)
+  --json: the run's last reply, {"ok": true, "state": "completed", "path",
+  "step", "kind", "labels", "bytes", "seconds", ...} ("state": "queued" with
+  --no-wait); "path" is absolute
+
+exit codes: 0 ok, 1 error, 2 usage, 3 run not reachable, 4 save failed
+(or the run ended first), 5 timed out, 130 interrupted"""
 
 
 def request_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
-    parser = command_parser(subparsers, "request", "ask the run for a checkpoint", DESCRIPTION)
+    parser = command_parser(subparsers, "request", "ask the run for a checkpoint", DESCRIPTION, EPILOG)
     add_target_arguments(parser)
     parser.add_argument(
         "--kind",
         choices=("full", "weights"),
         default="full",
-        help="full: resumable (accelerator.save_state); weights: model.safetensors only (default: full)",
+        help="full (the default): a resumable checkpoint (accelerator.save_state: model, optimizer, scheduler, "
+        "RNG states); weights: the model's weights only (model.safetensors and config.json), for inference or "
+        "from_pretrained",
     )
     parser.add_argument(
-        "--label", help=f"free text recorded in the manifest and the event log (<= {MAX_LABEL_CHARS} chars)"
+        "--label",
+        metavar="TEXT",
+        help=f"free text recorded in the checkpoint's manifest (labels, shown by 'ckptbus list') and in the event "
+        f"log; at most {MAX_LABEL_CHARS} characters, no control characters",
     )
-    parser.add_argument("--no-wait", action="store_true", help="return once the run has queued the request")
+    parser.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="return as soon as the run has queued the request, printing the request id; the checkpoint is "
+        "written at the next step where the ranks vote",
+    )
     parser.add_argument(
         "--timeout",
         type=float,
         metavar="SECONDS",
-        help="give up after this long (exit 5; the request stays queued). Default: wait as long as the run "
-        "lives; 10 s with --no-wait",
+        help="give up after this long (exit 5); the request stays queued in the run and is still served. "
+        "Default: wait as long as the run lives; 10 s with --no-wait",
     )
     add_json_argument(parser)
     if subparsers is not None:
@@ -69,7 +104,8 @@ def request_command(args: argparse.Namespace) -> int:
         return fail(args, CommandError(EXIT_USAGE, "usage", f"--timeout must be above 0, got {timeout}"))
     request_id: str | None = None
     try:
-        path = socket_of(args)
+        target = target_of(args)
+        path = target.socket
         for reply in call(path, request, timeout=timeout):
             if not reply["ok"]:
                 return _answer_error(args, reply)
@@ -84,7 +120,8 @@ def request_command(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
             elif reply.get("state") == "completed":
-                return _print(args, reply, str(reply["path"]))
+                reply = {**reply, "path": _absolute(str(reply["path"]), target)}
+                return _print(args, reply, reply["path"])
         raise ConnectionLost(f"{path} closed the connection before the save finished (did the run die?)")
     except CommandError as exc:
         return fail(args, exc)
@@ -100,6 +137,37 @@ def request_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         queued = f"; request {request_id} stays queued in the run" if request_id else ""
         return fail(args, CommandError(EXIT_INTERRUPTED, "interrupted", f"stopped waiting{queued}"))
+
+
+def _absolute(path: str, target: Target) -> str:
+    """The checkpoint ``path`` the run sent, absolute: usable from any folder, unlike a path relative to the run's.
+
+    The run names a checkpoint the way its output_dir was configured. If that is relative, it is relative to the
+    run's working folder, which this process does not know: the output_dir named here is tried first, then the
+    absolute output_dir the run gives in its status.
+    """
+    if os.path.isabs(path):
+        return path
+    if target.output_dir is not None:
+        here = in_output_dir(path, os.path.abspath(target.output_dir))
+        if os.path.isdir(here):
+            return here
+    run_dir = _run_output_dir(target)
+    if run_dir is not None:
+        return in_output_dir(path, run_dir)
+    print(f"ckptbus request: the run gave a path relative to the folder it was started in: {path}", file=sys.stderr)
+    return path
+
+
+def _run_output_dir(target: Target) -> str | None:
+    """The run's absolute output_dir, from a status request (None if the run no longer answers)."""
+    try:
+        replies = list(call(target.socket, StatusRequest(), timeout=5.0))
+    except (ClientError, ProtocolError):
+        return None
+    status = replies[0].get("status") if replies and replies[0]["ok"] else None
+    output_dir = status.get("output_dir") if isinstance(status, dict) else None
+    return output_dir if isinstance(output_dir, str) and os.path.isabs(output_dir) else None
 
 
 def _print(args: argparse.Namespace, reply: dict[str, Any], line: str) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from .._client import ClientError, TimedOut, call
@@ -10,6 +11,7 @@ from .._protocol import ProtocolError, StatusRequest
 from ._common import (
     EXIT_ERROR,
     EXIT_FOR_ERROR_CODE,
+    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_TIMEOUT,
     EXIT_UNREACHABLE,
@@ -20,16 +22,39 @@ from ._common import (
     command_parser,
     emit_json,
     fail,
+    in_output_dir,
     socket_of,
 )
+from ._grace_period import save_timings, timing_rows
+
+DESCRIPTION = """\
+Ask the running job where it is: the last optimizer step it finished, the
+newest checkpoint it completed since it started (or resumed), pending requests
+(socket requests with how many clients wait for each), the number of processes,
+whether it is stopping, and the main process's pid and socket. From the run's
+event log: how long its saves took, and the grace period to ask a scheduler
+for."""
+
+EPILOG = """\
+--json: the run's reply, {"ok": true, "status": {"step", "last_checkpoint",
+"last_checkpoint_step", "pending_requests", "world_size", "stopping",
+"output_dir", "pid", "socket", "socket_requests", "saves": {"full",
+"weights", "grace_period_seconds", ...}, ...}}; paths are absolute
+
+exit codes: 0 ok, 1 error, 2 usage, 3 run not reachable, 5 timed out,
+130 interrupted"""
 
 
 def status_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
-    description = "Ask the running job where it is: step, last checkpoint, pending requests."
-    parser = command_parser(subparsers, "status", description, description)
+    summary = "ask the run where it is: step, last checkpoint, pending requests"
+    parser = command_parser(subparsers, "status", summary, DESCRIPTION, EPILOG)
     add_target_arguments(parser)
     parser.add_argument(
-        "--timeout", type=float, default=10.0, metavar="SECONDS", help="give up after this long (default 10)"
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="give up when the run has not answered within this long (exit 5; default 10)",
     )
     add_json_argument(parser)
     if subparsers is not None:
@@ -50,6 +75,8 @@ def status_command(args: argparse.Namespace) -> int:
         return fail(args, CommandError(EXIT_UNREACHABLE, "unreachable", str(exc)))
     except ProtocolError as exc:
         return fail(args, CommandError(EXIT_ERROR, exc.code, f"the run sent a reply that breaks the protocol: {exc}"))
+    except KeyboardInterrupt:
+        return fail(args, CommandError(EXIT_INTERRUPTED, "interrupted", "stopped waiting for the run's status"))
     if not replies:
         return fail(
             args, CommandError(EXIT_UNREACHABLE, "unreachable", "the run closed the connection without a reply")
@@ -61,8 +88,11 @@ def status_command(args: argparse.Namespace) -> int:
     status = reply.get("status")
     if not isinstance(status, dict):
         return fail(args, CommandError(EXIT_ERROR, "bad_json", "status reply without a status object"))
+    status = _absolute_paths(status)
+    # Read here, beside the run (the socket is local): the event log of the run's own output_dir.
+    status["saves"] = save_timings(status.get("output_dir") or args.output_dir)
     if args.json:
-        emit_json(status)
+        emit_json({**reply, "status": status})
     else:
         print(format_status(status))
     return EXIT_OK
@@ -84,9 +114,19 @@ def format_status(status: dict[str, Any]) -> str:
         ("stopping", "yes" if status.get("stopping") else "no"),
         ("main process", f"pid {status.get('pid')}, socket {status.get('socket')}"),
     ]
+    rows.extend(timing_rows(status.get("saves")))
     if "error" in status:
         rows.append(("status error", status["error"]))
     return "\n".join(f"{name + ':':<18}{value}" for name, value in rows)
+
+
+def _absolute_paths(status: dict[str, Any]) -> dict[str, Any]:
+    """``status`` with ``last_checkpoint`` absolute: the run names it relative to its own folder when its
+    output_dir is relative, and ``output_dir`` in the status is absolute."""
+    last, output_dir = status.get("last_checkpoint"), status.get("output_dir")
+    if isinstance(last, str) and isinstance(output_dir, str) and os.path.isabs(output_dir):
+        return {**status, "last_checkpoint": in_output_dir(last, output_dir)}
+    return status
 
 
 def _describe(request: Any) -> str:
