@@ -8,9 +8,9 @@ NPROC ?= 2
 CONFIG ?= configs/tiny.yaml
 STAMP = $(VENV)/.installed
 
-.PHONY: setup train train-1 test test-quick lint bench clean
+.PHONY: setup train train-1 demo test test-wheel test-quick lint bench clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU build of torch, pinned: it installs from local disk; an unpinned
@@ -27,8 +27,16 @@ train: $(STAMP)  ## the main job: 2 ranks over gloo, tiny GPT-2, on-demand check
 train-1: $(STAMP)  ## the same with one process
 	$(BIN)/python train.py --config $(CONFIG)
 
-test: $(STAMP)  ## the whole test suite (what CI runs)
+demo: $(STAMP)  ## train until Ctrl+C and print the commands to try from another terminal; starts afresh in outputs/demo
+	rm -rf outputs/demo
+	$(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) train.py --config configs/demo.yaml --show-commands
+
+test: $(STAMP)  ## the whole test suite, then the installed-wheel check (what CI runs)
 	$(BIN)/python -m pytest -n 2
+	PY=$(PY) bash tests/installed_wheel.sh
+
+test-wheel:  ## build the wheel, install it into a fresh virtualenv, run the CLI and a 2-rank training from it
+	PY=$(PY) bash tests/installed_wheel.sh
 
 test-quick: $(STAMP)  ## no training processes: unit tests only
 	$(BIN)/python -m pytest -m "not slow" -n 2

@@ -16,20 +16,22 @@ import dataclasses
 import gc
 import json
 import logging
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-from ckptbus.plugins import DynamicCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
-from transformers import GPT2Config, GPT2LMHeadModel, get_linear_schedule_with_warmup
+from ckptbus import CheckpointConfig, CkptbusError, ConfigError, load_config
 
-from ckptbus import CheckpointConfig, CkptbusError, load_config
+# torch, transformers and accelerate take seconds to import. Each function that needs them imports them, and
+# main() calls none before the config is loaded and checked: a typo in the config is reported at once.
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from ckptbus.plugins import DynamicCheckpoint
+    from torch.utils.data import TensorDataset
+    from transformers import GPT2LMHeadModel
 
 logger = logging.getLogger("train")
 
@@ -51,9 +53,9 @@ class ModelConfig:
         for key in ("n_layer", "n_head", "n_embd", "vocab_size"):
             value = getattr(self, key)
             if value < 1:
-                raise ValueError(f"config key 'model.{key}': got {value!r}, expected a whole number >= 1")
+                raise ConfigError(f"config key 'model.{key}': got {value!r}, expected a whole number >= 1")
         if self.n_embd % self.n_head:
-            raise ValueError(f"config key 'model.n_head': {self.n_head} does not divide model.n_embd={self.n_embd}")
+            raise ConfigError(f"config key 'model.n_head': {self.n_head} does not divide model.n_embd={self.n_embd}")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -88,13 +90,21 @@ class TrainConfig:
         for key in ("max_steps", "micro_batch_size", "gradient_accumulation_steps", "sequence_len", "dataset_size"):
             value = getattr(self, key)
             if value < 1:
-                raise ValueError(f"config key '{key}': got {value!r}, expected a whole number >= 1")
-        if self.warmup_steps < 0 or self.learning_rate <= 0 or self.weight_decay < 0:
-            raise ValueError("config keys 'warmup_steps', 'weight_decay' must be >= 0 and 'learning_rate' > 0")
+                raise ConfigError(f"config key '{key}': got {value!r}, expected a whole number >= 1")
+        for key, ok, allowed in (
+            ("warmup_steps", self.warmup_steps >= 0, "a whole number >= 0"),
+            ("learning_rate", self.learning_rate > 0, "a number > 0"),
+            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+        ):
+            if not ok:
+                raise ConfigError(f"config key '{key}': got {getattr(self, key)!r}, expected {allowed}")
 
 
 def make_data(cfg: TrainConfig) -> TensorDataset:
     """Sequences from a random Markov chain with a few likely successors per token."""
+    import torch
+    from torch.utils.data import TensorDataset
+
     gen = torch.Generator().manual_seed(cfg.seed)
     vocab = cfg.model.vocab_size
     logits = torch.randn(vocab, vocab, generator=gen) * 3.0
@@ -107,6 +117,8 @@ def make_data(cfg: TrainConfig) -> TensorDataset:
 
 
 def make_model(cfg: TrainConfig) -> GPT2LMHeadModel:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(
         vocab_size=cfg.model.vocab_size,
         n_positions=cfg.sequence_len,
@@ -126,33 +138,74 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--output-dir", help="override output_dir")
     parser.add_argument("--max-steps", type=int, help="override max_steps")
     parser.add_argument("--resume-from-checkpoint", help="override resume_from_checkpoint: a path or 'latest'")
+    parser.add_argument(
+        "--show-commands",
+        action="store_true",
+        help="once the run is ready, print the commands that ask it for a checkpoint from another terminal",
+    )
     return parser.parse_args(argv)
 
 
 def load(args: argparse.Namespace) -> tuple[CheckpointConfig, TrainConfig]:
+    """The checked config with the command line's overrides. A bad key or value exits with status 2 (as a bad
+    command line does) and one line that names it."""
     try:
         ckpt_cfg, train_cfg = load_config(args.config, TrainConfig)
-    except ValueError as exc:  # ConfigError is a ValueError; so are the checks of TrainConfig
-        raise SystemExit(f"train.py: {exc}") from None
-    if args.output_dir:
-        ckpt_cfg = dataclasses.replace(ckpt_cfg, output_dir=args.output_dir)
-    if args.resume_from_checkpoint:
-        ckpt_cfg = dataclasses.replace(ckpt_cfg, resume_from_checkpoint=args.resume_from_checkpoint)
-    if args.max_steps is not None:
-        train_cfg = dataclasses.replace(train_cfg, max_steps=args.max_steps)
+        if args.output_dir:
+            ckpt_cfg = dataclasses.replace(ckpt_cfg, output_dir=args.output_dir)
+        if args.resume_from_checkpoint:
+            ckpt_cfg = dataclasses.replace(ckpt_cfg, resume_from_checkpoint=args.resume_from_checkpoint)
+        if args.max_steps is not None:
+            train_cfg = dataclasses.replace(train_cfg, max_steps=args.max_steps)
+    except ConfigError as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return ckpt_cfg, train_cfg
 
 
 def has_accelerator() -> bool:
+    import torch
+
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
-def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig) -> int:
+def try_commands(ckpt_cfg: CheckpointConfig) -> str:
+    """The commands that ask this run for a checkpoint, with absolute paths: they work from any directory."""
+    out = os.path.abspath(ckpt_cfg.output_dir)
+    dyn = ckpt_cfg.dynamic_checkpoint
+    beside = Path(sys.executable).with_name("ckptbus")  # the CLI of this virtualenv, also when it is not on PATH
+    cli = shlex.quote(str(beside)) if beside.exists() else "ckptbus"
+    commands = []
+    if dyn.enabled:
+        trigger = os.path.join(out, dyn.trigger_file_path)  # an absolute trigger_file_path stays itself
+        commands.append((f"touch {shlex.quote(trigger)}", f"a full checkpoint within {dyn.check_interval} steps"))
+        if dyn.socket.enabled:
+            commands.append((f"{cli} request --output-dir {shlex.quote(out)}", "waits, prints the checkpoint's path"))
+    commands.append((f"{cli} list --output-dir {shlex.quote(out)}", "the complete checkpoints on disk"))
+    width = max(len(command) for command, _ in commands)
+    lines = [f"  {command.ljust(width)}  # {what}" for command, what in commands]
+    return "\n".join(["From another terminal, try:", *lines, "Ctrl+C here stops every rank at the same step."])
+
+
+def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig, *, show_commands: bool = False) -> int:
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from ckptbus.plugins import DynamicCheckpoint
+    from torch.utils.data import DataLoader
+    from transformers import get_linear_schedule_with_warmup
+
     # Without cpu=True, `accelerate launch --multi_gpu` on a machine with no GPU
     # gives every rank an Accelerator that believes it is alone.
     accelerator = Accelerator(
         cpu=not has_accelerator(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        # The LR schedule counts optimizer steps: run_loop steps it once per optimizer step. Linked to the
+        # optimizer (the default), a prepared scheduler steps once per process at each call, so on 2 ranks the
+        # warm-up would end at warmup_steps / 2 and the LR reach 0 at max_steps / 2. A schedule built for
+        # max_steps * num_processes would fix the rate but not its saved state, which would then mean another
+        # step under another number of ranks; counted in optimizer steps, a run may resume on any number.
+        step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         project_config=ProjectConfiguration(save_on_each_node=cfg.save_on_each_node),
     )
@@ -175,6 +228,8 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig) -> int:
     try:
         with DynamicCheckpoint(accelerator, ckpt_cfg) as ckpt:
             step = ckpt.resume()
+            if show_commands and accelerator.is_main_process:
+                print(try_commands(ckpt_cfg), file=sys.stderr, flush=True)  # the triggers are up by now
             run_loop(accelerator, ckpt, model, optimizer, loader, scheduler, cfg, step)
         code = int(ckpt.exit_code)
         failed = ckpt.failed_save
@@ -215,6 +270,8 @@ def run_loop(
     cfg: TrainConfig,
     step: int,
 ) -> None:
+    from tqdm.auto import tqdm
+
     steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
     if steps_per_epoch < 1:
         raise SystemExit("train.py: dataset_size is too small for one optimizer step; raise dataset_size")
@@ -238,14 +295,18 @@ def run_loop(
                 loss = model(input_ids=input_ids, labels=input_ids).loss
                 accelerator.backward(loss)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
             if not accelerator.sync_gradients:
                 continue
             step += 1
+            lr = scheduler.get_last_lr()[0]  # the rate this step trained with
+            # Once per optimizer step, before ckpt.step() (a checkpoint holds the next step's rate); not after a
+            # step that fp16's loss scaler skipped, as accelerate's own stepping does.
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
             mean_loss = accelerator.reduce(loss.detach(), "mean").item()
             if accelerator.is_main_process:
-                record = {"step": step, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], "time": time.time()}
+                record = {"step": step, "loss": mean_loss, "lr": lr, "time": time.time()}
                 with open(metrics_path, "a", encoding="utf-8") as fh:
                     fh.write(json.dumps(record) + "\n")
                 progress.update(1)
@@ -270,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ckpt_cfg, cfg = load(args)
     try:
-        code = train(ckpt_cfg, cfg)
+        code = train(ckpt_cfg, cfg, show_commands=args.show_commands)
     except CkptbusError as exc:
         logger.error("%s", exc)
         return 2

@@ -43,7 +43,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,12 +57,10 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TRIGGER = "axolotl_checkpoint.save"
+# The one free_port (and wait_for) of the tests and benchmarks: tests/procs.py, standard library only.
+sys.path.insert(0, str(REPO / "tests"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from procs import free_port, wait_for  # noqa: E402
 
 
 def tool(name: str) -> str:
@@ -126,15 +123,13 @@ class Run:
             return "(no log)"
 
     def wait_for(self, what: str, found: Callable[[], Any], timeout: float, interval: float = 0.02) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
+        """What ``found`` returns once it is not None (nor empty), reading the run's new lines between tries."""
+
+        def polled() -> Any:
             self.poll()
-            result = found()
-            if result is not None:
-                return result
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {what} within {timeout:.0f} s; log:\n{self.log_tail()}")
-            time.sleep(interval)
+            return found()
+
+        return wait_for(polled, what, timeout, interval=interval, details=lambda: f"log:\n{self.log_tail()}")
 
     def event(self, name: str, since: float, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
         return next((e for e in self.events if e["event"] == name and e["time"] >= since and match(e)), None)

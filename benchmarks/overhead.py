@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ckptbus.plugins import DynamicCheckpoint  # noqa: E402
-from ckptbus.plugins.accelerate_sink import TorchExchange  # noqa: E402
+from ckptbus.plugins.distributed import TorchExchange  # noqa: E402
 from ckptbus.plugins.shared_votes import VOTES_ENV, SharedVotes  # noqa: E402
 
 from ckptbus import CheckpointConfig  # noqa: E402
@@ -224,27 +224,10 @@ def bootstrap_interval(values: list[float], resamples: int = 2000) -> list[float
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    # The figure lives in plots.py, which imports no torch, so that it can be redrawn from the JSON alone.
+    from plots import plot_overhead  # benchmarks/ is on sys.path: this file runs as a script
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
-    arms = list(result["samples"])[1:]
-    base = result["samples"]["disabled"]
-    ax.boxplot([[b / a for b, a in zip(base, result["samples"][arm], strict=True)] for arm in arms], tick_labels=arms)
-    for i, arm in enumerate(arms, start=1):
-        if arm in result["targets"]:
-            ax.hlines(result["targets"][arm], i - 0.3, i + 0.3, colors="red", linestyles="dashed")
-    ax.axhline(1.0, color="grey", linewidth=0.5)
-    ax.set_ylabel("disabled / arm block time, per round")
-    ratios = result["throughput_ratio_vs_disabled"]
-    ax.set_title(
-        "ckptbus per-step throughput ratio, 2 ranks over gloo (red: target)\n"
-        + ", ".join(f"{a}: median {ratios[a]:.4f}" for a in arms)
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_overhead(result, path)
 
 
 if __name__ == "__main__":

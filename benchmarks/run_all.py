@@ -8,19 +8,16 @@ because these machines are shared and noisy.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+# The one free_port (and wait_for) of the tests and benchmarks: tests/procs.py, standard library only.
+sys.path.insert(0, str(HERE.parent / "tests"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from procs import free_port  # noqa: E402
 
 
 def launch(script: str, processes: int = 2) -> list[str]:

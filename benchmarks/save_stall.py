@@ -13,6 +13,12 @@ so that machine noise hits them alike:
 - ``ckptbus sync``: a ckptbus full save (staging, every file fsynced, manifest,
   rename): training waits for all of it. Its ``torch.save`` files carry no
   zip CRC32s (the default, ``dynamic_checkpoint.torch_save_crc32: false``).
+  The files are spread over the ranks by bytes and written in parallel, each
+  digested as it is written.
+- ``ckptbus sync 1 writer``: the same, the main process writing every shared
+  file (as ``save_state`` does): what the parallel writers bring.
+- ``ckptbus sync no digests``: the same without digests while writing (the
+  committer then reads the files back): what the digests cost.
 - ``ckptbus sync crc32``: the same with ``torch_save_crc32: true``, as
   ``save_state`` writes them.
 - ``ckptbus async`` (``dynamic_checkpoint.async_save``): training waits for the
@@ -31,6 +37,8 @@ machine with few cores), and so is ``async_extra_wall``: how much longer the
 steps of the save took than the round's steps without one.
 - ``dd``: ``dd conv=fsync`` of as many bytes as the sync checkpoint holds, into
   the same directory (same disk): the disk's own speed for this write.
+- ``dd 2 streams``: the same bytes as two ``dd`` processes of half the size at
+  once: what writing in parallel can gain on this disk.
 
 Figures (medians over the rounds after the first, which allocates the async
 buffers and warms the page cache): async stall / save_state time (target
@@ -63,7 +71,22 @@ from ckptbus._config import build  # noqa: E402
 from ckptbus._layout import withdraw  # noqa: E402
 from train import ModelConfig, TrainConfig, make_data, make_model  # noqa: E402
 
-ARMS = ("save_state", "ckptbus sync", "ckptbus sync crc32", "ckptbus async", "dd")
+ARMS = (
+    "save_state",
+    "ckptbus sync",
+    "ckptbus sync 1 writer",
+    "ckptbus sync no digests",
+    "ckptbus sync crc32",
+    "ckptbus async",
+    "dd",
+    "dd 2 streams",
+)
+SYNC_VARIANTS = {
+    # arm: (torch_save_crc32, parallel writers, digests while writing)
+    "ckptbus sync crc32": (True, True, True),
+    "ckptbus sync 1 writer": (False, False, True),
+    "ckptbus sync no digests": (False, True, False),
+}
 
 
 def ckpt_config(output_dir: Path, async_save: bool, crc32: bool = False) -> CheckpointConfig:
@@ -136,10 +159,12 @@ def main() -> None:
 
     root = Path(args.dir)
     ckpts, completed = sync_and_async_arms(accelerator, root, "ckptbus sync", "ckptbus async")
-    # The same synchronous save with torch.save's zip CRC32s (dynamic_checkpoint.torch_save_crc32: true).
-    ckpts["ckptbus sync crc32"] = DynamicCheckpoint(accelerator, ckpt_config(root / "sync_crc32", False, True))
-    completed["ckptbus sync crc32"] = []
-    ckpts["ckptbus sync crc32"].bus.subscribe("save_completed", completed["ckptbus sync crc32"].append)
+    for arm, (crc32, parallel, digests) in SYNC_VARIANTS.items():
+        ckpts[arm] = DynamicCheckpoint(accelerator, ckpt_config(root / arm.replace(" ", "_"), False, crc32))
+        ckpts[arm]._sink.parallel_writers = parallel
+        ckpts[arm]._sink.digest_while_writing = digests
+        completed[arm] = []
+        ckpts[arm].bus.subscribe("save_completed", completed[arm].append)
     steps = dict.fromkeys(ckpts, 0)
     stall: dict[str, list[float]] = {arm: [] for arm in ARMS}
     extra: dict[str, list[float]] = {
@@ -147,9 +172,7 @@ def main() -> None:
         "async_manifest_stall": [],
         "async_write": [],
         "async_extra_wall": [],
-        "ckptbus sync max over ranks": [],
-        "ckptbus sync crc32 max over ranks": [],
-        "ckptbus async max over ranks": [],
+        **{f"{arm} max over ranks": [] for arm in ARMS if arm.startswith("ckptbus")},
         "steps_in_flight": [],
     }
 
@@ -207,9 +230,7 @@ def main() -> None:
         event = done[0]
         if arm == "ckptbus sync":
             extra["sync_bytes"].append(event.bytes)
-        elif arm == "ckptbus sync crc32":
-            pass
-        else:
+        elif arm == "ckptbus async":
             extra["async_manifest_stall"].append(event.stall_seconds)
             extra["async_write"].append(event.write_seconds)
             extra["steps_in_flight"].append(in_flight - 1)
@@ -219,32 +240,40 @@ def main() -> None:
             for info in list_checkpoints(ckpt.output_dir):
                 withdraw(info.path)
 
-    def run_dd(round_index: int) -> None:
+    def run_dd(round_index: int, streams: int) -> None:
         nbytes = int(extra["sync_bytes"][-1]) if extra["sync_bytes"] else 500 * 2**20
+        count = nbytes // (4 * 2**20) // streams
         accelerator.wait_for_everyone()
         seconds = 0.0
         if main_process:
-            target = root / f"dd-{round_index}"
+            targets = [root / f"dd-{round_index}-{i}" for i in range(streams)]
             start = time.perf_counter()
-            subprocess.run(
-                ["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={nbytes // (4 * 2**20)}", "conv=fsync"],
-                check=True,
-                capture_output=True,
-            )
+            running = [
+                subprocess.Popen(
+                    ["dd", "if=/dev/zero", f"of={t}", "bs=4M", f"count={count}", "conv=fsync"],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for t in targets
+            ]
+            if any(p.wait() for p in running):
+                raise RuntimeError("dd failed")
             seconds = time.perf_counter() - start
-            target.unlink()
-        stall["dd"].append(max_over_ranks(seconds))
-        extra.setdefault("dd_bytes", []).append(float(nbytes // (4 * 2**20) * 4 * 2**20))
+            for t in targets:
+                t.unlink()
+        name = "dd" if streams == 1 else f"dd {streams} streams"
+        stall[name].append(max_over_ranks(seconds))
+        extra.setdefault(f"{name} bytes", []).append(float(count * streams * 4 * 2**20))
 
     for round_index in range(args.rounds):
         order = ARMS[round_index % len(ARMS) :] + ARMS[: round_index % len(ARMS)]
-        if order.index("dd") < order.index("ckptbus sync") and not extra["sync_bytes"]:
-            order = (*(a for a in order if a != "dd"), "dd")  # dd needs the size of a sync checkpoint
+        if not extra["sync_bytes"]:  # dd needs the size of a sync checkpoint
+            order = (*(a for a in order if not a.startswith("dd")), "dd", "dd 2 streams")
         for arm in order:
             if arm == "save_state":
                 run_save_state(round_index)
-            elif arm == "dd":
-                run_dd(round_index)
+            elif arm.startswith("dd"):
+                run_dd(round_index, 2 if arm == "dd 2 streams" else 1)
             else:
                 run_ckptbus(arm)
 
@@ -254,7 +283,10 @@ def main() -> None:
         kept = slice(1, None) if args.rounds > 1 else slice(None)  # round 0 allocates the async buffers
         med = {arm: statistics.median(v[kept]) for arm, v in stall.items()}
         sync_rate = statistics.median(extra["sync_bytes"][kept]) / med["ckptbus sync"]
-        dd_rate = statistics.median(extra["dd_bytes"][kept]) / med["dd"]
+        dd_rate = statistics.median(extra["dd bytes"][kept]) / med["dd"]
+        slowest = {
+            arm: statistics.median(extra[f"{arm} max over ranks"][kept]) for arm in ARMS if arm.startswith("ckptbus")
+        }
         result: dict[str, Any] = {
             "command": "accelerate launch --multi_gpu --num_processes 2 benchmarks/save_stall.py",
             "device": str(accelerator.device),
@@ -271,12 +303,16 @@ def main() -> None:
             "sync_crc32_throughput_over_dd": sync_rate * med["ckptbus sync"] / med["ckptbus sync crc32"] / dd_rate,
             "sync_throughput_target": 0.80,
             "first_async_stall_seconds": stall["ckptbus async"][0],
+            "slowest_rank_median_seconds": slowest,
+            "sync_n_writers_over_1_writer": slowest["ckptbus sync"] / slowest["ckptbus sync 1 writer"],
+            "sync_n_writers_target": 0.75,
+            "digests_cost_over_sync": slowest["ckptbus sync"] / slowest["ckptbus sync no digests"] - 1,
+            "digests_cost_target": 0.02,
+            "dd_2_streams_over_1": med["dd 2 streams"] / med["dd"],
             "samples_seconds": stall,
             "async_stall_max_over_ranks_over_save_state": statistics.median(extra["ckptbus async max over ranks"][kept])
             / med["save_state"],
-            "held_max_over_ranks": {
-                k: extra[f"{k} max over ranks"] for k in ("ckptbus sync", "ckptbus sync crc32", "ckptbus async")
-            },
+            "held_max_over_ranks": {arm: extra[f"{arm} max over ranks"] for arm in slowest},
             "async_manifest_stall_over_save_state": statistics.median(extra["async_manifest_stall"][kept])
             / med["save_state"],
             "async_extra_wall_over_save_state": statistics.median(extra["async_extra_wall"][kept]) / med["save_state"],
@@ -295,6 +331,9 @@ def main() -> None:
             "async_extra_wall_over_save_state",
             "sync_throughput_over_dd",
             "sync_crc32_throughput_over_dd",
+            "sync_n_writers_over_1_writer",
+            "digests_cost_over_sync",
+            "dd_2_streams_over_1",
         )
         print(json.dumps({k: result[k] for k in keys}, indent=2))
         shutil.rmtree(root, ignore_errors=True)
@@ -306,23 +345,10 @@ def main() -> None:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
+    # The figure lives in plots.py, which imports no torch, so that it can be redrawn from the JSON alone.
+    from plots import plot_save_stall  # benchmarks/ is on sys.path: this file runs as a script
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    arms = list(result["samples_seconds"])
-    ax.boxplot([result["samples_seconds"][a][1:] or result["samples_seconds"][a] for a in arms], tick_labels=arms)
-    ax.set_ylabel("seconds training is held (dd: write time)")
-    ax.set_title(
-        f"full save of {result['parameters'] / 1e6:.0f}M params ({result['checkpoint_bytes'] / 1e6:.0f} MB), 2 ranks\n"
-        f"async stall / save_state: {result['async_stall_over_save_state']:.3f} (target <= 0.10); "
-        f"sync / dd: {result['sync_throughput_over_dd']:.2f} (target >= 0.80)",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plot_save_stall(result, path)
 
 
 if __name__ == "__main__":

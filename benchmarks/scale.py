@@ -28,7 +28,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,11 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+# The one free_port (and wait_for) of the tests and benchmarks: tests/procs.py, standard library only.
+sys.path.insert(0, str(REPO / "tests"))
+
+from procs import free_port  # noqa: E402
+
 WORK = REPO / "outputs" / "bench-scale"
 VOCAB = 1024
 SEQUENCE_LEN = 16  # the worker's sequence_len: the size of GPT-2's position embedding
@@ -92,12 +96,6 @@ def code_fingerprint() -> dict[str, Any]:
         "uncommitted": git("status", "--porcelain", "--", "ckptbus", "plugins", "train.py").splitlines(),
         "sha256": digest.hexdigest()[:16],
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def accelerate_bin() -> str:

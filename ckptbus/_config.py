@@ -16,7 +16,7 @@ import difflib
 import os
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -29,9 +29,13 @@ T = TypeVar("T")
 DEFAULT_TRIGGER_FILE = "axolotl_checkpoint.save"
 DEFAULT_CHECK_INTERVAL = 100
 RESERVED_NAMES = frozenset(
-    {"ckptbus.json", "ckptbus-events.jsonl", "metrics.jsonl", "ckptbus.sock", "ckptbus.sock.path"}
+    {"ckptbus.json", "ckptbus-events.jsonl", "metrics.jsonl", "ckptbus.sock", "ckptbus.sock.path", "ckptbus.lock"}
 )
 """Files ckptbus (and train.py) write into output_dir: never a trigger file name."""
+
+
+NULL_IS_DEFAULT = "ckptbus.null_is_default"
+"""Field metadata: ``null`` for this key in a config file means the field's default."""
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -44,6 +48,20 @@ def _whole(value: object, minimum: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
 
 
+TRIGGER_PATH_ALLOWED = "a file name inside output_dir (no '/', not '..') or an absolute path of a file"
+
+
+def _trigger_path_ok(name: object) -> bool:
+    """A plain file name (inside output_dir), or an absolute path of a file as axolotl accepts (the poller
+    joins ``output_dir / path``, which for an absolute path is that path)."""
+    if not isinstance(name, str) or "\0" in name:
+        return False
+    if os.path.isabs(name):
+        # "/", "/tmp/" or "/tmp/..": a directory, which is never a trigger.
+        return os.path.basename(name) not in ("", ".", "..")
+    return name not in ("", ".", "..") and os.sep not in name and (os.altsep is None or os.altsep not in name)
+
+
 SignalAction = Literal["weights_exit", "full_exit", "full_continue", "none"]
 """What a signal asks for: save weights or a full checkpoint, then stop (``*_exit``) or go on; ``none``: not handled."""
 
@@ -53,6 +71,16 @@ OnSaveFailure = Literal["continue", "stop"]
 """What training does after a save failed on any rank: go on (the default) or stop on every rank."""
 
 ON_SAVE_FAILURE: tuple[OnSaveFailure, ...] = typing.get_args(OnSaveFailure)
+
+Verify = Literal["full", "sizes", "off"]
+"""What resume checks before loading a checkpoint: every file's size and content digest, sizes only, or nothing."""
+
+VERIFY: tuple[Verify, ...] = typing.get_args(Verify)
+
+OnLauncherExit = Literal["full", "weights", "none"]
+"""What every rank saves before it stops when the launcher of a rank is gone; ``none``: nothing is watched."""
+
+ON_LAUNCHER_EXIT: tuple[OnLauncherExit, ...] = typing.get_args(OnLauncherExit)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -139,7 +167,7 @@ class DynamicCheckpointConfig:
     """Look for the trigger file every this many optimizer steps (>= 1)."""
 
     trigger_file_path: str = DEFAULT_TRIGGER_FILE
-    """Name of the trigger file inside ``output_dir``: a plain file name, no directories."""
+    """The trigger file: a plain file name, inside ``output_dir``; or an absolute path (as axolotl allows)."""
 
     event_log: bool = True
     """Append every bus event to ``<output_dir>/ckptbus-events.jsonl`` (main process)."""
@@ -164,6 +192,16 @@ class DynamicCheckpointConfig:
     CRC32 of each record. ``torch.load`` never checks it, and computing it is most of ``torch.save``'s time for
     a large optimizer state, so it is off; ``unzip -t`` then reports CRC errors. See docs/checkpoints.md."""
 
+    verify: Verify = "full"
+    """Before resuming, check every file of the checkpoint against its manifest: its size and its content digest
+    (``full``: one read of the checkpoint), its size only (``sizes``), or nothing beyond what makes a checkpoint
+    complete (``off``). A file that does not match stops the run before anything is loaded. See docs/resume.md."""
+
+    on_launcher_exit: OnLauncherExit = "full"
+    """With ``enabled``: when the launcher of a rank dies without stopping it (``accelerate launch`` or torchrun's
+    agent killed), every rank saves this (``full`` or ``weights``) within a step or two and stops, instead of
+    training on outside the job; ``none`` leaves the ranks running. See docs/schedulers.md."""
+
     def __post_init__(self) -> None:
         _check(
             _whole(self.check_interval, 1),
@@ -172,22 +210,16 @@ class DynamicCheckpointConfig:
             "a whole number of steps >= 1",
         )
         name = self.trigger_file_path
-        plain = (
-            isinstance(name, str)
-            and name not in ("", ".", "..")
-            and os.sep not in name
-            and (os.altsep is None or os.altsep not in name)
-            and "\0" not in name
-        )
         _check(
-            plain,
+            _trigger_path_ok(name),
             "dynamic_checkpoint.trigger_file_path",
             name,
-            "a plain file name inside output_dir (no '/', not absolute, not '..'), "
-            f"for example {DEFAULT_TRIGGER_FILE!r}",
+            f"{TRIGGER_PATH_ALLOWED}, for example {DEFAULT_TRIGGER_FILE!r}",
         )
-        # A name ckptbus or train.py writes itself would trigger a save on every interval.
-        reserved = name in RESERVED_NAMES or name.startswith(("checkpoint-", ".ckptbus-"))
+        # A name ckptbus or train.py writes itself would trigger a save on every interval. An absolute path
+        # may point into output_dir too, so its last part is checked the same way.
+        base = os.path.basename(name)
+        reserved = base in RESERVED_NAMES or base.startswith(("checkpoint-", ".ckptbus-"))
         _check(
             not reserved,
             "dynamic_checkpoint.trigger_file_path",
@@ -208,6 +240,18 @@ class DynamicCheckpointConfig:
             "dynamic_checkpoint.on_save_failure",
             self.on_save_failure,
             " or ".join(repr(a) for a in ON_SAVE_FAILURE),
+        )
+        _check(
+            self.verify in VERIFY,
+            "dynamic_checkpoint.verify",
+            self.verify,
+            " or ".join(repr(a) for a in VERIFY),
+        )
+        _check(
+            self.on_launcher_exit in ON_LAUNCHER_EXIT,
+            "dynamic_checkpoint.on_launcher_exit",
+            self.on_launcher_exit,
+            " or ".join(repr(a) for a in ON_LAUNCHER_EXIT),
         )
 
 
@@ -230,10 +274,15 @@ class CheckpointConfig:
     be deleted like scheduled ones. Off: they are kept until you delete them."""
 
     resume_from_checkpoint: str | None = None
-    """A checkpoint directory to resume from, or ``latest`` for the newest complete full checkpoint."""
+    """A checkpoint directory to resume from; ``latest`` for the newest complete full checkpoint that passes
+    verification (a fresh start if the directory holds none; a refusal if it holds some and none passes);
+    ``latest_or_fresh``: the same, but a fresh start (with a warning) when none passes. See docs/resume.md."""
 
-    dynamic_checkpoint: DynamicCheckpointConfig = dataclasses.field(default_factory=DynamicCheckpointConfig)
-    """On-demand checkpoints: see :class:`DynamicCheckpointConfig`."""
+    dynamic_checkpoint: DynamicCheckpointConfig = dataclasses.field(
+        default_factory=DynamicCheckpointConfig, metadata={NULL_IS_DEFAULT: True}
+    )
+    """On-demand checkpoints: see :class:`DynamicCheckpointConfig`. ``dynamic_checkpoint: null`` in a config file
+    is the default (off), as axolotl reads it."""
 
     def __post_init__(self) -> None:
         _check(
@@ -260,7 +309,7 @@ class CheckpointConfig:
             or (isinstance(self.resume_from_checkpoint, str) and self.resume_from_checkpoint != ""),
             "resume_from_checkpoint",
             self.resume_from_checkpoint,
-            "a checkpoint directory or 'latest'",
+            "a checkpoint directory or 'latest' (or 'latest_or_fresh': start fresh if no checkpoint passes)",
         )
 
 
@@ -377,7 +426,9 @@ def build_many(classes: Sequence[type], data: Mapping[str, Any], prefix: str = "
                 for f in dataclasses.fields(tp)
             ]
             raise _unknown_key_error(key, list(owners), prefix, nested)
-        cls, _, tp = owners[key]
+        cls, fld, tp = owners[key]
+        if value is None and fld.metadata.get(NULL_IS_DEFAULT):
+            continue  # the field's default stands
         kwargs[cls][key] = _convert(value, tp, prefix + key)
     result = []
     for cls in classes:
@@ -396,8 +447,46 @@ def _field_doc(cls: type, name: str) -> str:
     )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping.
+
+    Plain YAML keeps the last value without a word, so a second ``save_steps:``
+    further down a long file would silently win over the first.
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        # id(mapping node) -> its dotted key and a ".", so a message names 'dynamic_checkpoint.check_interval'.
+        # A parent mapping is always constructed before the mappings inside it.
+        self._prefixes: dict[int, str] = {}
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        prefix = self._prefixes.get(id(node), "")
+        lines: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: overriding a merged key is what merging is for
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            try:
+                first = lines.get(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader reports it below
+            if first is not None:
+                where = f"on line {line}" if first == line else f"on lines {first} and {line}"
+                raise ConfigError(
+                    f"config key '{prefix}{key}' is written twice ({where}); YAML would keep only the last one: "
+                    "remove one of them"
+                )
+            lines[key] = line
+            if isinstance(value_node, yaml.MappingNode):
+                self._prefixes.setdefault(id(value_node), f"{prefix}{key}.")
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a YAML mapping from ``path``; errors name the file and the line."""
+    """Read a YAML mapping from ``path``; errors name the file and the line. A key written twice in one
+    mapping is an error (:class:`ConfigError`) naming the key and both lines."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -408,7 +497,9 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{p}: the config file cannot be read: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except ConfigError as exc:  # a duplicate key
+        raise ConfigError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
     if data is None:

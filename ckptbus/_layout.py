@@ -25,6 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from ._digest import digest_file
 from ._errors import CheckpointError
 from ._events import SAVE_KINDS, SaveKind
 
@@ -65,6 +66,9 @@ class Manifest:
     request_ids: list[str] = field(default_factory=list)
     files: dict[str, int] = field(default_factory=dict)
     """Every file of the checkpoint (path relative to it) and its size in bytes."""
+    digests: dict[str, str] = field(default_factory=dict)
+    """The content digest of every file (``xxh3_128:<hex>``, see ckptbus/_digest.py), taken as it was written;
+    empty in checkpoints written before digests existed."""
     bytes: int = 0
     seconds: float = 0.0
     """Wall time from the agreement to the commit."""
@@ -98,6 +102,7 @@ class Manifest:
                 labels=[str(x) for x in data.get("labels", [])],
                 request_ids=[str(x) for x in data.get("request_ids", [])],
                 files={str(k): int(v) for k, v in data.get("files", {}).items()},
+                digests={str(k): str(v) for k, v in data.get("digests", {}).items()},
                 bytes=int(data.get("bytes", 0)),
                 seconds=float(data.get("seconds", 0.0)),
                 stall_seconds=float(data.get("stall_seconds", 0.0)),
@@ -167,28 +172,54 @@ def read_checkpoint_files(p: Path) -> CheckpointInfo:
     return CheckpointInfo(p, manifest)
 
 
-def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
-    """Complete checkpoints in ``output_dir``, oldest step first. Incomplete ones are skipped."""
+@dataclass(frozen=True, slots=True)
+class Unusable:
+    """A ``checkpoint-<step>`` directory that is not a complete checkpoint, and why."""
+
+    path: Path
+    step: int
+    why: str
+    damaged: bool
+    """True if it holds a manifest: it was complete once, so something changed it since (a file truncated or
+    removed, the manifest edited). False: a save that never completed, or a directory ckptbus did not write."""
+
+
+def scan_checkpoints(output_dir: str | os.PathLike[str]) -> tuple[list[CheckpointInfo], list[Unusable]]:
+    """Every ``checkpoint-<step>`` directory of ``output_dir``: the complete ones and the others with why,
+    each list oldest step first. Staging and trash directories are in neither."""
     root = Path(output_dir)
     found: list[CheckpointInfo] = []
+    unusable: list[Unusable] = []
     try:
         entries = list(os.scandir(root))
     except FileNotFoundError:
-        return []
+        return [], []
     for entry in entries:
         match = _CHECKPOINT_RE.match(entry.name)
         if not match or not entry.is_dir(follow_symlinks=False):
             continue
+        step = int(match.group(1))
         try:
             info = read_checkpoint(entry.path)
         except CheckpointError as exc:
-            logger.debug("ckptbus: skipping %s: %s", entry.path, exc)
+            damaged = os.path.lexists(os.path.join(entry.path, MANIFEST_NAME))
+            unusable.append(Unusable(Path(entry.path), step, str(exc), damaged))
             continue
-        if info.step != int(match.group(1)):
-            logger.debug("ckptbus: skipping %s: manifest says step %d", entry.path, info.step)
+        if info.step != step:
+            why = f"{entry.path}: its manifest says step {info.step}, its name step {step}"
+            unusable.append(Unusable(Path(entry.path), step, why, True))
             continue
         found.append(info)
     found.sort(key=lambda c: c.step)
+    unusable.sort(key=lambda u: u.step)
+    return found, unusable
+
+
+def list_checkpoints(output_dir: str | os.PathLike[str]) -> list[CheckpointInfo]:
+    """Complete checkpoints in ``output_dir``, oldest step first. Incomplete ones are skipped."""
+    found, unusable = scan_checkpoints(output_dir)
+    for skipped in unusable:
+        logger.debug("ckptbus: skipping %s: %s", skipped.path, skipped.why)
     return found
 
 
@@ -238,17 +269,22 @@ def write_manifest(
     directory: Path,
     manifest_fields: dict[str, Any],
     fields_after_fsync: Callable[[], dict[str, Any]] = dict,
+    digests: dict[str, str] | None = None,
 ) -> Manifest:
     """Mark ``directory`` complete: fsync every file in it, then write the manifest last (through a temporary
     file) and fsync the directory. A manifest already there is removed first, so the files written since are
     never called complete by an older one. ``fields_after_fsync`` gives more manifest fields once every file is
-    fsynced (timings that must include the fsync)."""
+    fsynced (timings that must include the fsync). ``digests``: those taken as the files were written; a file
+    without one is read back here."""
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
     files = fsync_tree(directory)
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         files=files,
         bytes=sum(files.values()),
+        # A file no rank digested as it wrote it (written by save_state under DeepSpeed or FSDP, or by the
+        # Trainer) is read back once here.
+        digests={name: (digests or {}).get(name) or digest_file(directory / name) for name in files},
         **manifest_fields,
         **fields_after_fsync(),
     )
@@ -267,6 +303,7 @@ def commit(
     final: Path,
     manifest_fields: dict[str, Any],
     fields_after_fsync: Callable[[], dict[str, Any]] = dict,
+    digests: dict[str, str] | None = None,
 ) -> Manifest:
     """Make ``staging`` the complete checkpoint ``final``: write its manifest last (:func:`write_manifest`),
     rename the directory and fsync the parent.
@@ -275,7 +312,7 @@ def commit(
     replaced; any other directory of that name is moved aside to
     ``<final>.orphaned-<time>`` and kept.
     """
-    manifest = write_manifest(staging, manifest_fields, fields_after_fsync)
+    manifest = write_manifest(staging, manifest_fields, fields_after_fsync, digests)
     trash: Path | None = None
     if final.exists() or final.is_symlink():
         try:

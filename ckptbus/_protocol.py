@@ -13,7 +13,10 @@ Requests::
 
 ``v`` may be left out (it means 1); ``kind`` defaults to ``full``, ``label``
 to null, ``wait`` to true. Unknown fields are refused, so a typo never passes
-silently.
+silently, and so is a field given twice (JSON would let the last one win).
+
+A connection that ends without sending anything but JSON whitespace made no
+request (:func:`is_blank`); a last line without its newline still counts.
 
 Replies carry ``v``, ``ok`` and, when ``ok`` is false, ``error`` =
 ``{"code": ..., "message": ...}`` with a code from :data:`ERROR_CODES`.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -33,6 +37,10 @@ PROTOCOL_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final = (1,)
 MAX_LINE_BYTES: Final = 64 * 1024
 """A request line longer than this (newline included) is refused with ``line_too_long``."""
+MAX_REQUEST_BYTES: Final = MAX_LINE_BYTES - 1
+"""The longest request without its newline: what a server may read before the line is too long."""
+JSON_WHITESPACE: Final = b" \t\n\r"
+"""What JSON skips. Not ``bytes.strip()``'s set: a lone ``\\v`` or ``\\f`` is input, answered ``bad_json``."""
 MAX_REPLY_BYTES: Final = 1024 * 1024
 """What a client accepts as one reply line (a status reply of a big run stays far below)."""
 MAX_LABEL_CHARS: Final = 256
@@ -40,7 +48,7 @@ OPS: Final = ("save", "status")
 
 ERROR_CODES: Final = {
     "bad_json": "the line is not UTF-8 JSON, or not a JSON object",
-    "bad_request": "a field is missing, unknown, or of the wrong type or value",
+    "bad_request": "a field is missing, unknown, given twice, or of the wrong type or value",
     "unknown_op": "op is not one of the operations of this version",
     "unsupported_version": "v is a protocol version this server does not speak",
     "line_too_long": f"the request line is longer than {MAX_LINE_BYTES} bytes",
@@ -88,9 +96,10 @@ def parse_request(line: bytes) -> Request:
     Raises :class:`ProtocolError` for anything that is not a valid request;
     never any other exception, whatever the bytes (the fuzz tests hold it to that).
     """
-    if len(line) > MAX_LINE_BYTES:
-        raise ProtocolError("line_too_long", f"request line has {len(line)} bytes; the limit is {MAX_LINE_BYTES}")
-    data = _load_object(line, "request")
+    size = len(line.removesuffix(b"\n"))
+    if size > MAX_REQUEST_BYTES:
+        raise line_too_long(size)
+    data = _load_object(line, "request", pairs_hook=_refuse_duplicate_keys)
     version = data.get("v", PROTOCOL_VERSION)
     if isinstance(version, bool) or not isinstance(version, int) or version not in SUPPORTED_VERSIONS:
         raise ProtocolError(
@@ -109,6 +118,19 @@ def parse_request(line: bytes) -> Request:
         _no_unknown_fields(data, _SAVE_FIELDS, op)
         return SaveRequest(kind=_kind(data.get("kind", "full")), label=_label(data.get("label")), wait=_wait(data))
     raise ProtocolError("unknown_op", f"unknown op {_short(op)}; the operations are {', '.join(OPS)}")
+
+
+def line_too_long(size: int | None = None) -> ProtocolError:
+    """The error for a request line over the limit; ``size``: its bytes without the newline, if known."""
+    had = "more" if size is None else f"{size + 1}"
+    return ProtocolError(
+        "line_too_long", f"a request line may have at most {MAX_LINE_BYTES} bytes with its newline; this one has {had}"
+    )
+
+
+def is_blank(data: bytes) -> bool:
+    """Whether ``data``, all a client sent before ending its input, holds no request: nothing, or JSON whitespace."""
+    return not data.strip(JSON_WHITESPACE)
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -150,19 +172,31 @@ def parse_reply(line: bytes) -> dict[str, Any]:
 # -- helpers ------------------------------------------------------------------
 
 
-def _load_object(line: bytes, what: str) -> dict[str, Any]:
+def _load_object(
+    line: bytes, what: str, pairs_hook: Callable[[list[tuple[str, Any]]], dict[str, Any]] | None = None
+) -> dict[str, Any]:
     try:
         text = bytes(line).decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError("bad_json", f"{what} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=pairs_hook)
     except RecursionError:
         raise ProtocolError("bad_json", f"{what} nests too deeply") from None
     except ValueError as exc:  # JSONDecodeError, and int conversions over Python's digit limit
         raise ProtocolError("bad_json", f"{what} is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ProtocolError("bad_json", f"{what} must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` for requests: a key given twice is refused (``json.loads`` keeps the last silently)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ProtocolError("bad_request", f"field {_short(key)} is given twice; give each field once")
+        data[key] = value
     return data
 
 

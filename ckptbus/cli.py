@@ -1,4 +1,4 @@
-"""The ``ckptbus`` command: ``request``, ``status`` and ``list``. Imports no torch (it starts fast).
+"""The ``ckptbus`` command: ``request``, ``status``, ``list`` and ``verify``. Imports no torch (it starts fast).
 
 Exit codes (``ckptbus --help``): 0 success, 1 error reply or unexpected
 problem, 2 usage, 3 run not reachable, 4 save failed, 5 timed out, 130
@@ -16,6 +16,7 @@ from .commands._common import EXIT_USAGE, Parser, UsageError, emit_json
 from .commands.list import list_command_parser
 from .commands.request import request_command_parser
 from .commands.status import status_command_parser
+from .commands.verify import verify_command_parser
 
 EPILOG = """\
 Run 'ckptbus COMMAND --help' for a command's options, its output and its
@@ -29,7 +30,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser = Parser(
         "ckptbus",
         description="On-demand checkpoints for a running accelerate job: ask it for a checkpoint\n"
-        "(request), see where it is (status), list the checkpoints on disk (list).",
+        "(request), see where it is (status), list the checkpoints on disk (list), check them\n"
+        "against their manifests (verify).",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -38,6 +40,7 @@ def get_parser() -> argparse.ArgumentParser:
     request_command_parser(subparsers)
     status_command_parser(subparsers)
     list_command_parser(subparsers)
+    verify_command_parser(subparsers)
     return parser
 
 

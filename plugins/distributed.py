@@ -84,6 +84,14 @@ class TorchExchange:
         dist.broadcast_object_list(box, src=0)
         return str(box[0])
 
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable, small), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, obj, group=self.group)
+        return gathered
+
     def timeout(self) -> timedelta:
         """How long a collective of the default process group waits (torch's default of 30 min if unknown)."""
         try:

@@ -38,7 +38,9 @@ from ckptbus import (
 )
 from ckptbus._coordinator import Coordinator, Decision, exit_status, reason_table
 from ckptbus._eventlog import EVENT_LOG_NAME
-from ckptbus._layout import CheckpointInfo, latest_full, read_checkpoint, rotate
+from ckptbus._layout import CheckpointInfo, checkpoint_path, read_checkpoint, rotate
+from ckptbus._lock import OutputDirLock, acquire
+from ckptbus._resume import LATEST, LATEST_OR_FRESH, Resolution, resolve
 from ckptbus._source import RunInfo, TriggerSource, check_source, close_all
 
 from .distributed import TorchExchange, agree, check_output_dir_layout, open_votes
@@ -106,6 +108,10 @@ class Runtime:
         self._saved: dict[int, SaveCompleted] = {}
         self._votes: SharedVotes | None = None
         self._event_log: EventLog | None = None
+        # Whether this rank reads (verifies) and locks for its filesystem: the main process, or with
+        # save_on_each_node each machine's local main process. Every rank before start() (nothing to agree with).
+        self._filesystem_main = True
+        self._output_dir_lock: OutputDirLock | None = None
 
     @property
     def output_dir(self) -> Path:
@@ -144,6 +150,8 @@ class Runtime:
             is_local_main=local_rank == 0,
             save_on_each_node=save_on_each_node,
         )
+        self._filesystem_main = rank == 0 or (save_on_each_node and local_rank == 0)
+        self._lock_output_dir()
         self._check_same_reasons()
         self._votes, votes = open_votes(rank, exchange, self.coordinator.vote_length)
         self.coordinator.exchange = votes
@@ -157,6 +165,34 @@ class Runtime:
         self.running = True
         for source in self.sources:
             source.start(self.bus, run)
+
+    def _lock_output_dir(self) -> None:
+        """Collective: one run per output_dir. The filesystem's main rank takes the lock (ckptbus/_lock.py);
+        a refusal there is a :class:`~ckptbus.SetupError` on every rank, before anything is written."""
+        refusal: str | None = None
+        if self._filesystem_main:
+            try:
+                self._output_dir_lock = acquire(self.output_dir)
+            except SetupError as exc:
+                refusal = str(exc)
+            except OSError as exc:
+                # An output_dir where nothing can be created fails every save the same way; that is reported
+                # (and on_save_failure decides) at the first save, as before the lock existed.
+                logger.warning(
+                    "ckptbus: cannot create the lock file in %s (%s): a second run on this output_dir would not "
+                    "be refused",
+                    self.output_dir,
+                    exc.strerror,
+                )
+        refusal = self._refused_anywhere(refusal)
+        if refusal is not None:
+            self._release_output_dir()
+            raise SetupError(refusal)
+
+    def _release_output_dir(self) -> None:
+        if self._output_dir_lock is not None:
+            self._output_dir_lock.release()
+            self._output_dir_lock = None
 
     def _check_same_reasons(self) -> None:
         table = "\0".join(self.coordinator.reasons).encode()
@@ -200,6 +236,10 @@ class Runtime:
     def agreed(self, vote: Sequence[int]) -> list[int]:
         """Element-wise maximum of ``vote`` over the ranks (the run's collective; identity before start)."""
         return self.exchange(vote) if self.exchange is not None else list(vote)
+
+    def gathered(self, obj: Any) -> list[Any]:
+        """Every rank's small picklable ``obj``, in rank order (the run's collective; ``[obj]`` before start)."""
+        return self.exchange.all_gather(obj) if self.exchange is not None else [obj]
 
     def agree(self, what: str, stage: Callable[[], None]) -> str | None:
         """Run ``stage`` here and agree with every rank whether it worked: None, or why not (plugins/distributed.py)."""
@@ -330,41 +370,54 @@ class Runtime:
 
     # -- resume -------------------------------------------------------------
 
-    def resolve_resume(self, checkpoint: str | os.PathLike[str] | None) -> CheckpointInfo | None:
-        """The complete full checkpoint to resume from, or None (nothing asked, or ``latest`` found none).
+    def resolve_resume(self, checkpoint: str | os.PathLike[str] | None = None) -> CheckpointInfo | None:
+        """The complete full checkpoint to resume from, verified; or None (nothing asked, or a fresh start).
 
-        ``checkpoint``: a path, ``"latest"``, or None for the config's
-        ``resume_from_checkpoint``. Once started this is a collective: the
-        ranks agree on the step before anything is loaded, and a failure on
-        one rank is a :class:`~ckptbus.CheckpointError` on every rank.
+        ``checkpoint``: a path, ``"latest"``, ``"latest_or_fresh"``, or None
+        for the config's ``resume_from_checkpoint`` (ckptbus/_resume.py has
+        the rule). Every file is checked against the manifest
+        (``dynamic_checkpoint.verify``) before anything is loaded. Once
+        started this is a collective: the main rank of each filesystem reads
+        and verifies, the others take the step it chose, and a refusal on
+        one rank is a :class:`~ckptbus.CheckpointError` on every rank,
+        naming the checkpoint, the file and the cause. Before start (the
+        Trainer callback) every rank verifies on its own.
         """
         target = checkpoint if checkpoint is not None else self.config.resume_from_checkpoint
         if target is None:
             return None
-        info: CheckpointInfo | None = None
-        error: CheckpointError | None = None
-        try:
-            info = self._resolve(os.fspath(target))
-        except CheckpointError as exc:
-            error = exc
-        step = info.step if info is not None else -1
-        highest, minus_lowest, failed = self.agreed([step, -step, int(error is not None)])
-        if error is not None:
-            raise error
-        if failed:
-            raise CheckpointError(f"resume from {os.fspath(target)!r} failed on another rank (see its log)")
-        if highest != -minus_lowest:
+        target = os.fspath(target)
+        resolution: Resolution | None = None
+        refusal: str | None = None
+        if self._filesystem_main:
+            try:
+                resolution = self._resolve(target)
+            except CheckpointError as exc:
+                refusal = str(exc)
+        step = resolution.info.step if resolution is not None and resolution.info is not None else None
+        answers = [a for a in self.gathered((step, refusal) if self._filesystem_main else None) if a is not None]
+        refusals = [r for _, r in answers if r is not None]
+        if refusals:
+            raise CheckpointError(refusal or refusals[0])
+        steps = sorted({-1 if s is None else s for s, _ in answers})
+        if len(steps) > 1:
             raise CheckpointError(
-                f"ranks found different checkpoints for {os.fspath(target)!r} (steps {-minus_lowest} to {highest}): "
+                f"ranks found different checkpoints for {target!r} (steps {steps[0]} to {steps[-1]}; -1: none): "
                 "with one output_dir per node every node must hold the same checkpoints; pass the path of one "
                 "that all nodes have"
             )
-        if info is None:
-            logger.info(
-                "ckptbus: resume_from_checkpoint=latest: no complete full checkpoint in %s; starting fresh",
-                self.output_dir,
-            )
+        if steps[0] < 0:
             return None
+        info = resolution.info if resolution is not None else None
+        refusal = None
+        if info is None:
+            try:
+                info = self._agreed_checkpoint(target, steps[0])
+            except CheckpointError as exc:
+                refusal = str(exc)
+        refusal = self._refused_anywhere(refusal)
+        if refusal is not None or info is None:
+            raise CheckpointError(refusal or f"resume from {target!r} failed on another rank (see its log)")
         if info.manifest.world_size != self.world_size and self.running:
             logger.warning(
                 "ckptbus: %s was saved by %d processes and this run has %d: the RNG state of every rank cannot be "
@@ -375,25 +428,54 @@ class Runtime:
             )
         return info
 
-    def _resolve(self, target: str) -> CheckpointInfo | None:
-        """The complete full checkpoint ``target`` names (None: ``latest`` found none); raises CheckpointError."""
-        if target == "latest":
-            return latest_full(self.output_dir)
-        info = read_checkpoint(target)
-        if info.manifest.kind != "full":
-            raise CheckpointError(
-                f"{info.path} is a weights-only checkpoint (model.safetensors, no optimizer or RNG state); it "
-                "cannot resume training. Pick a full checkpoint (`ckptbus list --output-dir ...` shows the kinds) "
-                "or load these weights with from_pretrained."
+    def _resolve(self, target: str) -> Resolution:
+        """Choose and verify (ckptbus/_resume.py), and log what the user must know about the choice."""
+        mode = self.config.dynamic_checkpoint.verify
+        resolution = resolve(target, self.output_dir, mode)
+        for line in (*resolution.skipped, *resolution.notes):
+            logger.warning("ckptbus: resume_from_checkpoint=%s: %s", target, line)
+        report = resolution.report
+        if report is not None:
+            # A checkpoint written before digests existed was checked by size only: say so louder.
+            log = logger.warning if report.mode == "full" and report.note else logger.info
+            log("ckptbus: checked before loading: %s", report.summary())
+        elif target in (LATEST, LATEST_OR_FRESH) and not resolution.skipped:
+            logger.info(
+                "ckptbus: resume_from_checkpoint=%s: no complete full checkpoint in %s; starting fresh",
+                target,
+                self.output_dir,
             )
+        return resolution
+
+    def _agreed_checkpoint(self, target: str, step: int) -> CheckpointInfo:
+        """On a rank that did not choose: the checkpoint its filesystem's main rank chose (sizes checked here)."""
+        path = checkpoint_path(self.output_dir, step) if target in (LATEST, LATEST_OR_FRESH) else target
+        info = read_checkpoint(path)
+        if info.step != step:
+            raise CheckpointError(f"{info.path} holds step {info.step}, the ranks agreed on step {step}")
         return info
+
+    def loaded(self, info: CheckpointInfo, error: CheckpointError | None) -> None:
+        """Collective, after every rank loaded ``info`` (or failed to): a failure on any rank is a
+        :class:`~ckptbus.CheckpointError` on every rank, with the words of the rank that failed."""
+        refusal = self._refused_anywhere(str(error) if error is not None else None)
+        if refusal is not None:
+            raise error if error is not None else CheckpointError(refusal)
+        self.last_step = info.step
+
+    def _refused_anywhere(self, refusal: str | None) -> str | None:
+        """Collective: this rank's refusal, else the lowest other rank's, else None."""
+        others = [r for r in self.gathered(refusal) if r is not None]
+        return refusal if refusal is not None else (others[0] if others else None)
 
     # -- the end ------------------------------------------------------------
 
     def shutdown(self, why: str, *, abandoned: dict[str, Any] | None = None) -> None:
         """Release everything without any collective: a save that was not committed and every pending request
-        fail with ``why``; the sources stop; the votes close. Safe to call twice."""
+        fail with ``why``; the sources stop; the votes close; the output_dir is free for the next run. Safe to
+        call twice."""
         if not self.running:
+            self._release_output_dir()  # (a start() that failed after taking it)
             return
         self.running = False
         if abandoned is not None:
@@ -409,6 +491,7 @@ class Runtime:
         if self._event_log is not None:
             self._event_log.detach()
             self._event_log = None
+        self._release_output_dir()  # last: the next run may start once everything here is closed
 
 
 class RunControls:

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launch import TrainingRun, limit_file_size
+from procs import limit_file_size
+from runs import TrainingRun
 
 from ckptbus import list_checkpoints, read_checkpoint
 from ckptbus._layout import STAGING_PREFIX
@@ -78,7 +79,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def test_snapshot_writes_what_save_state_writes_and_reuses_its_buffers(tmp_path: Path) -> None:
     from accelerate.state import AcceleratorState, PartialState
-    from ckptbus.plugins.async_writer import HostSnapshot, WriteJob
+    from ckptbus.plugins.saving.async_writer import HostSnapshot, WriteJob
 
     accelerator, model, train_step = _tiny_training()
     try:
@@ -120,7 +121,7 @@ def test_snapshot_writes_what_save_state_writes_and_reuses_its_buffers(tmp_path:
 def test_a_change_in_place_while_the_writer_copies_fails_the_save_instead_of_mixing_two_steps(tmp_path: Path) -> None:
     import torch
     from accelerate.state import AcceleratorState, PartialState
-    from ckptbus.plugins.async_writer import HostSnapshot, WriteJob
+    from ckptbus.plugins.saving.async_writer import HostSnapshot, WriteJob
 
     accelerator, model, train_step = _tiny_training()
     try:
@@ -148,7 +149,8 @@ def test_one_save_in_flight_requests_wait_for_its_commit_and_close_commits_it(
     import threading
 
     from accelerate.state import AcceleratorState, PartialState
-    from ckptbus.plugins import DynamicCheckpoint, async_writer
+    from ckptbus.plugins import DynamicCheckpoint
+    from ckptbus.plugins.saving import async_writer
 
     from ckptbus import CheckpointConfig, DynamicCheckpointConfig
 

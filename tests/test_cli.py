@@ -7,6 +7,8 @@ against a real 2-rank ``accelerate launch`` run.
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
 import os
 import socket
@@ -20,13 +22,14 @@ from typing import Any
 
 import pytest
 import yaml
-from ckptbus.plugins.unix_socket import UnixSocketTrigger
-from launch import BIN, REPO, TrainingRun
+from ckptbus.plugins.sources.unix_socket import UnixSocketTrigger
+from runs import BIN, REPO, TrainingRun
 
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveRequested, list_checkpoints, read_checkpoint
 from ckptbus._layout import rotation_victims
 from ckptbus._socket_path import MAX_SOCKET_PATH_BYTES, POINTER_NAME, SOCKET_NAME
-from ckptbus.cli import main
+from ckptbus._source import RunInfo
+from ckptbus.cli import get_parser, main
 from ckptbus.commands._common import (
     EXIT_OK,
     EXIT_SAVE_FAILED,
@@ -34,6 +37,8 @@ from ckptbus.commands._common import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
 )
+from ckptbus.commands._save_history import read_save_history
+from ckptbus.commands.status import _absolute_paths
 
 CKPTBUS = str(BIN / "ckptbus")
 
@@ -58,14 +63,18 @@ def server(tmp_path: Path) -> Iterator[tuple[UnixSocketTrigger, list[SaveRequest
     bus = Bus()
     requests: list[SaveRequested] = []
     bus.subscribe("save_requested", requests.append)
-    trigger = UnixSocketTrigger(bus, tmp_path, timeout=2.0, status=lambda: {"step": 42, "pending_requests": 0})
-    trigger.start()
+    trigger = UnixSocketTrigger(timeout=2.0)
+    trigger.start(
+        bus, RunInfo(rank=0, world_size=1, output_dir=tmp_path, status=lambda: {"step": 42, "pending_requests": 0})
+    )
     yield trigger, requests
     trigger.close()
 
 
-def answer_when_asked(trigger: UnixSocketTrigger, requests: list[SaveRequested], outcome: str) -> threading.Thread:
-    """Play the sink: once a request arrives, publish its outcome."""
+def answer_when_asked(
+    trigger: UnixSocketTrigger, requests: list[SaveRequested], outcome: str, path: str = "/x/checkpoint-42"
+) -> threading.Thread:
+    """Play the sink: once a request arrives, publish its outcome (a checkpoint at ``path``)."""
 
     def run() -> None:
         deadline = time.monotonic() + 20
@@ -81,7 +90,7 @@ def answer_when_asked(trigger: UnixSocketTrigger, requests: list[SaveRequested],
             "exit_after": False,
         }
         if outcome == "completed":
-            trigger.bus.publish(SaveCompleted(path="/x/checkpoint-42", bytes=1, seconds=0.1, **common))
+            trigger.bus.publish(SaveCompleted(path=path, bytes=1, seconds=0.1, **common))
         else:
             trigger.bus.publish(SaveFailed(error="writing: OSError: [Errno 28] No space left on device", **common))
 
@@ -96,7 +105,8 @@ def answer_when_asked(trigger: UnixSocketTrigger, requests: list[SaveRequested],
 def test_cli_imports_no_torch() -> None:
     code = (
         "import sys, ckptbus.cli, ckptbus.commands.request, ckptbus.commands.status, ckptbus.commands.list;"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'accelerate', 'transformers', 'numpy'}))"
+        "heavy = {'torch', 'accelerate', 'transformers', 'numpy', 'matplotlib'};"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
@@ -107,7 +117,32 @@ def test_help_lists_the_commands() -> None:
     assert out.returncode == 0
     for command in ("request", "status", "list"):
         assert command in out.stdout
-    assert "exit codes" in out.stdout
+    assert "exit codes" in out.stdout and "ckptbus COMMAND --help" in out.stdout
+
+
+@pytest.mark.parametrize("command", ["request", "status", "list"])
+def test_help_stands_alone(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every option says what it does, and the help points to nothing a pip user lacks (docs/ is not installed)."""
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    assert "exit codes" in out and "--json" in out and "docs/" not in out
+    subparsers = next(a for a in get_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for action in subparsers.choices[command]._actions:
+        assert action.help and len(action.help) > 20, action.option_strings
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = cli("--version", capsys=capsys)
+    assert code == EXIT_OK and out == f"ckptbus {importlib.metadata.version('ckptbus')}\n"
+
+
+@pytest.mark.parametrize(("typed", "meant"), [("lst", "list"), ("stauts", "status"), ("reqest", "request")])
+def test_did_you_mean(typed: str, meant: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli(typed, "--output-dir", ".", capsys=capsys)
+    assert (code, out) == (EXIT_USAGE, "")
+    assert f"did you mean {meant!r}?" in err
 
 
 # -- usage errors (exit 2) --------------------------------------------------------------
@@ -144,8 +179,63 @@ def test_usage_error_as_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(out) == {
         "ok": False,
         "exit_code": EXIT_USAGE,
-        "error": {"code": "usage", "message": "/no/such/dir is not a directory"},
+        "error": {"code": "usage", "message": "output directory /no/such/dir does not exist"},
     }
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["request", "--output-dir", "x", "--kind", "half", "--json"],
+        ["status", "--output-dir", "x", "--timeout", "soon", "--json"],
+        ["lst", "--json"],
+    ],
+)
+def test_argparse_errors_as_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad arguments get the same JSON envelope as every other error, not argparse's text."""
+    code, out, err = cli(*argv, capsys=capsys)
+    reply = json.loads(out)
+    assert code == EXIT_USAGE == reply["exit_code"] and err == ""
+    assert reply["ok"] is False and reply["error"]["code"] == "usage" and reply["error"]["message"]
+
+
+@pytest.mark.parametrize("command", ["status", "request"])
+def test_missing_output_dir(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing folder is named as such, not as a missing socket inside it."""
+    missing = tmp_path / "nonexistent"
+    code, out, err = cli(command, "--output-dir", str(missing), capsys=capsys)
+    assert (code, out) == (EXIT_USAGE, "")
+    assert f"output directory {missing} does not exist" in err and "socket" not in err
+
+
+def test_missing_relative_output_dir_says_where_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("status", "--output-dir", "outputs/tiny", capsys=capsys)
+    assert code == EXIT_USAGE
+    assert f"from {tmp_path}" in err and "relative to the folder the run was started in" in err
+
+
+@pytest.mark.parametrize("command", ["list", "status", "request"])
+def test_checkpoint_given_as_output_dir(command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = tmp_path / "out" / "checkpoint-338"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "ckptbus.json").write_text("{}")
+    code, out, err = cli(command, "--output-dir", str(checkpoint), capsys=capsys)
+    assert (code, out) == (EXIT_USAGE, "")
+    assert "is a checkpoint" in err and f"--output-dir {tmp_path / 'out'}" in err
+    # Without its manifest (a Trainer's own, or an incomplete one), the name says it too.
+    (checkpoint / "ckptbus.json").unlink()
+    code, out, _ = cli(command, "--output-dir", str(checkpoint), "--json", capsys=capsys)
+    assert code == EXIT_USAGE and "is a checkpoint" in json.loads(out)["error"]["message"]
+
+
+def test_output_dir_named_like_a_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder that holds no checkpoint is an (empty) output directory, whatever its name."""
+    (tmp_path / "checkpoint-1").mkdir()
+    code, out, _ = cli("list", "--output-dir", str(tmp_path), capsys=capsys)
+    assert code == EXIT_OK and "no complete checkpoints" in out
 
 
 # -- run not reachable (exit 3) -----------------------------------------------------------
@@ -185,6 +275,38 @@ def test_request_waits_and_prints_the_path(server: Any, tmp_path: Path, capsys: 
     assert (code, out) == (EXIT_OK, "/x/checkpoint-42\n")
     assert "waiting" in err
     assert (requests[0].kind, requests[0].reason, requests[0].label) == ("full", "socket", "before lr drop")
+
+
+def test_request_prints_an_absolute_path(
+    server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run with a relative output_dir names its checkpoints relative to its own folder; the CLI prints them
+    absolute, found through the output_dir it was given (here relative, from elsewhere)."""
+    trigger, requests = server
+    (tmp_path / "checkpoint-42").mkdir()
+    monkeypatch.chdir(tmp_path.parent)
+    answering = answer_when_asked(trigger, requests, "completed", path="outputs/tiny/checkpoint-42")
+    code, out, _ = cli("request", "--output-dir", tmp_path.name, "--json", capsys=capsys)
+    answering.join()
+    assert code == EXIT_OK and json.loads(out)["path"] == str(tmp_path / "checkpoint-42")
+
+
+def test_request_absolute_path_through_the_socket(
+    server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --socket alone the output_dir is unknown here: the run's status gives it (absolute)."""
+    trigger, requests = server
+    answering = answer_when_asked(trigger, requests, "completed", path="outputs/tiny/checkpoint-42")
+    code, out, _ = cli("request", "--socket", str(trigger.path), capsys=capsys)
+    answering.join()
+    assert (code, out) == (EXIT_OK, f"{tmp_path.resolve() / 'checkpoint-42'}\n")
+
+
+def test_status_last_checkpoint_absolute() -> None:
+    status = {"output_dir": "/home/me/outputs/tiny", "last_checkpoint": "outputs/tiny/checkpoint-7"}
+    assert _absolute_paths(status)["last_checkpoint"] == "/home/me/outputs/tiny/checkpoint-7"
+    status["last_checkpoint"] = "/elsewhere/checkpoint-7"
+    assert _absolute_paths(status)["last_checkpoint"] == "/elsewhere/checkpoint-7"
 
 
 def test_request_json(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -252,15 +374,86 @@ def test_status_plain_and_json(server: Any, tmp_path: Path, capsys: pytest.Captu
     assert code == EXIT_OK
     assert "step:             42" in out and "last checkpoint:  none yet" in out and "pending requests: 0" in out
     code, out, _ = cli("status", "--output-dir", str(tmp_path), "--json", capsys=capsys)
-    status = json.loads(out)
-    assert code == EXIT_OK and status["step"] == 42 and status["pid"] == os.getpid()
+    reply = json.loads(out)
+    assert code == EXIT_OK and reply["ok"] is True
+    assert reply["status"]["step"] == 42 and reply["status"]["pid"] == os.getpid()
 
 
 def test_config_names_the_run(server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"output_dir": str(tmp_path), "max_steps": 10, "model": {"n_layer": 1}}))
     code, out, _ = cli("status", "--config", str(config), "--json", capsys=capsys)
-    assert code == EXIT_OK and json.loads(out)["step"] == 42
+    assert code == EXIT_OK and json.loads(out)["status"]["step"] == 42
+
+
+# -- list --plot: the save history from the event log --------------------------------------------
+
+EVENT_LOG = """\
+{"time": 1746093600.0, "event": "SaveRequested", "kind": "full", "reason": "schedule", "label": null}
+{"time": 1746093601.5, "event": "SaveCompleted", "step": 100, "kind": "full", "reasons": ["schedule"], \
+"request_ids": ["r1"], "labels": [], "exit_after": false, "path": "out/checkpoint-100", "bytes": 10, \
+"seconds": 1.5, "stall_seconds": 0.2, "write_seconds": 1.3}
+{"time": 1746093900.0, "event": "SaveFailed", "step": 300, "kind": "full", "reasons": ["socket"], \
+"request_ids": ["r2"], "labels": [], "exit_after": false, "error": "writing: OSError: [Errno 28] No space left"}
+not json: a line cut short by a full disk
+{"time": 1746094200.0, "event": "SaveCompleted", "step": 500, "kind": "weights", "reasons": ["socket"], \
+"request_ids": ["r3"], "labels": ["before lr drop"], "exit_after": false, "path": "out/checkpoint-500", \
+"bytes": 5, "seconds": 0.4, "stall_seconds": 0.4, "write_seconds": 0.3}
+"""
+
+
+@pytest.fixture
+def run_with_history(tmp_path: Path) -> Path:
+    """An output_dir with a hand-written event log: two checkpoints, a failed save, other events, a bad line."""
+    (tmp_path / "ckptbus-events.jsonl").write_text(EVENT_LOG)
+    return tmp_path
+
+
+def test_read_save_history(run_with_history: Path) -> None:
+    records = read_save_history(run_with_history / "ckptbus-events.jsonl")
+    assert [(r.step, r.kind, r.error is None) for r in records] == [
+        (100, "full", True),
+        (300, "full", False),
+        (500, "weights", True),
+    ]
+    assert (records[0].seconds, records[0].stall_seconds) == (1.5, 0.2)
+    assert records[1].error is not None and "No space left" in records[1].error
+
+
+def test_list_plot(run_with_history: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("matplotlib")
+    image = tmp_path / "history.png"
+    code, out, err = cli("list", "--output-dir", str(run_with_history), "--plot", str(image), capsys=capsys)
+    assert code == EXIT_OK, err
+    assert "no complete checkpoints" in out  # the table (here: none on disk) stays on stdout
+    assert "3 saves" in err and str(image) in err
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = tmp_path / "history.svg"
+    code, out, _ = cli("list", "--output-dir", str(run_with_history), "--plot", str(svg), "--json", capsys=capsys)
+    assert code == EXIT_OK and json.loads(out)["plot"] == str(svg)
+    assert b"<svg" in svg.read_bytes()
+
+
+def test_list_plot_without_matplotlib(
+    run_with_history: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # matplotlib is installed here (a dev extra); None in sys.modules makes its import fail as if it were not.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    image = tmp_path / "history.png"
+    code, out, _ = cli("list", "--output-dir", str(run_with_history), "--plot", str(image), "--json", capsys=capsys)
+    error = json.loads(out)["error"]
+    assert code == 1 and error["code"] == "no_matplotlib" and "pip install matplotlib" in error["message"]
+    assert not image.exists()
+
+
+def test_list_plot_without_event_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = cli("list", "--output-dir", str(tmp_path), "--plot", str(tmp_path / "h.png"), capsys=capsys)
+    assert (code, out) == (1, "")
+    assert "no event log" in err and "event_log" in err
+    (tmp_path / "ckptbus-events.jsonl").write_text('{"time": 1.0, "event": "SaveRequested"}\n')
+    code, _, err = cli("list", "--output-dir", str(tmp_path), "--plot", str(tmp_path / "h.png"), capsys=capsys)
+    assert code == 1 and "no save yet" in err
 
 
 # -- against a real 2-rank run -------------------------------------------------------------------
@@ -309,8 +502,8 @@ def test_live_status(live: TrainingRun) -> None:
     assert out.returncode == 0, out.stderr
     assert "step:" in out.stdout and "processes:        2" in out.stdout
     out = script("status", "--output-dir", str(live.output_dir), "--json")
-    status = json.loads(out.stdout)
-    assert status["world_size"] == 2 and status["step"] >= 1
+    reply = json.loads(out.stdout)
+    assert reply["ok"] is True and reply["status"]["world_size"] == 2 and reply["status"]["step"] >= 1
 
 
 @pytest.mark.slow

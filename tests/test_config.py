@@ -11,15 +11,16 @@ from typing import Any
 
 import pytest
 import yaml
-from launch import REPO
+from runs import REPO
 
 from ckptbus import CheckpointConfig, ConfigError, DynamicCheckpointConfig, load_config
 
 # Every key a block allows, in the order the message lists them.
 TOP_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(CheckpointConfig)))
 DYN_KEYS = ", ".join(sorted(f.name for f in dataclasses.fields(DynamicCheckpointConfig)))
-PLAIN_NAME = (
-    "a plain file name inside output_dir (no '/', not absolute, not '..'), for example 'axolotl_checkpoint.save'"
+TRIGGER_PATH = (
+    "a file name inside output_dir (no '/', not '..') or an absolute path of a file, "
+    "for example 'axolotl_checkpoint.save'"
 )
 
 
@@ -80,6 +81,19 @@ def test_every_shipped_config_loads_with_train_py_keys() -> None:
         cfg, train = load_config(path, TrainConfig)
         assert cfg.dynamic_checkpoint.enabled, path
         assert train.max_steps >= 1, path
+
+
+@pytest.mark.parametrize("block", ["dynamic_checkpoint: null\n", "dynamic_checkpoint:\n", "dynamic_checkpoint: ~\n"])
+def test_a_null_dynamic_checkpoint_block_is_off_as_axolotl_reads_it(tmp_path: Path, block: str) -> None:
+    (cfg,) = load_config(write(tmp_path, f"output_dir: o\nsave_steps: 5\n{block}"))
+    assert cfg == CheckpointConfig(output_dir="o", save_steps=5)
+    assert cfg.dynamic_checkpoint.enabled is False
+
+
+def test_a_null_block_inside_dynamic_checkpoint_is_still_an_error(tmp_path: Path) -> None:
+    # null there would read as "off", and socket's default is on: say so rather than guess.
+    message = config_error(tmp_path, {"output_dir": "o", "dynamic_checkpoint": {"socket": None}})
+    assert message == "config key 'dynamic_checkpoint.socket': got None (NoneType), expected a mapping"
 
 
 def test_custom_trigger_name_and_nulls(tmp_path: Path) -> None:
@@ -234,7 +248,8 @@ STEPS = "a whole number of steps >= 1"
         ),
         (
             {"output_dir": "o", "resume_from_checkpoint": ""},
-            "config key 'resume_from_checkpoint': got '', expected a checkpoint directory or 'latest'",
+            "config key 'resume_from_checkpoint': got '', expected a checkpoint directory or 'latest' "
+            "(or 'latest_or_fresh': start fresh if no checkpoint passes)",
         ),
         (
             {"output_dir": "o", "dynamic_checkpoint": {"check_interval": 0}},
@@ -251,10 +266,26 @@ def test_out_of_range(tmp_path: Path, data: dict[str, Any], expected: str) -> No
     assert config_error(tmp_path, data) == expected
 
 
-@pytest.mark.parametrize("name", ["/tmp/trigger", "..", "../trigger", "sub/trigger", ".", ""])
-def test_trigger_file_path_must_be_a_plain_name(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("name", ["..", "../trigger", "sub/trigger", ".", "", "/", "/tmp/", "/tmp/.."])
+def test_trigger_file_path_is_a_plain_name_or_an_absolute_file_path(tmp_path: Path, name: str) -> None:
     message = config_error(tmp_path, {"output_dir": "o", "dynamic_checkpoint": {"trigger_file_path": name}})
-    assert message == f"config key 'dynamic_checkpoint.trigger_file_path': got {name!r}, expected {PLAIN_NAME}"
+    assert message == f"config key 'dynamic_checkpoint.trigger_file_path': got {name!r}, expected {TRIGGER_PATH}"
+
+
+def test_an_absolute_trigger_file_path_is_accepted_as_axolotl_does(tmp_path: Path) -> None:
+    trigger = str(tmp_path / "flags" / "save.now")
+    (cfg,) = load_config(write(tmp_path, {"output_dir": "o", "dynamic_checkpoint": {"trigger_file_path": trigger}}))
+    assert cfg.dynamic_checkpoint.trigger_file_path == trigger
+    # The poller joins output_dir and the configured path: an absolute one stays itself.
+    assert Path(cfg.output_dir) / cfg.dynamic_checkpoint.trigger_file_path == Path(trigger)
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "checkpoint-5"])
+def test_an_absolute_trigger_file_path_must_not_name_a_file_ckptbus_writes(tmp_path: Path, name: str) -> None:
+    # output_dir may well be that directory.
+    path = str(tmp_path / "out" / name)
+    message = config_error(tmp_path, {"output_dir": "o", "dynamic_checkpoint": {"trigger_file_path": path}})
+    assert message.startswith(f"config key 'dynamic_checkpoint.trigger_file_path': got {path!r}, expected a file name")
 
 
 def test_missing_output_dir(tmp_path: Path) -> None:
@@ -297,6 +328,45 @@ def test_a_directory_is_not_a_config_file(tmp_path: Path) -> None:
         load_config(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "output_dir: o\nsave_steps: 5\nseed: 1\nsave_steps: 50\n",
+            "config key 'save_steps' is written twice (on lines 2 and 4)",
+        ),
+        (
+            "output_dir: o\ndynamic_checkpoint:\n  check_interval: 5\n  enabled: true\n  check_interval: 50\n",
+            "config key 'dynamic_checkpoint.check_interval' is written twice (on lines 3 and 5)",
+        ),
+        (
+            "output_dir: o\ndynamic_checkpoint: {signals: {sigint: none, sigint: full_exit}}\n",
+            "config key 'dynamic_checkpoint.signals.sigint' is written twice (on line 2)",
+        ),
+    ],
+    ids=["top", "nested", "flow"],
+)
+def test_a_key_written_twice_is_refused(tmp_path: Path, text: str, expected: str) -> None:
+    # Plain YAML would keep the last value and say nothing.
+    assert config_error(tmp_path, text) == f"{expected}; YAML would keep only the last one: remove one of them"
+
+
+def test_the_same_key_in_two_mappings_and_an_overridden_merge_key_are_fine(tmp_path: Path) -> None:
+    text = """\
+output_dir: o
+dynamic_checkpoint:
+  enabled: true
+  socket: {enabled: false}
+  signals:
+    <<: {sigint: none, sigterm: none}
+    sigint: full_exit   # overriding a merged key is what merging is for
+"""
+    (cfg,) = load_config(write(tmp_path, text))
+    dyn = cfg.dynamic_checkpoint
+    assert (dyn.enabled, dyn.socket.enabled) == (True, False)
+    assert (dyn.signals.sigint, dyn.signals.sigterm) == ("full_exit", "none")
+
+
 # -- the dataclasses built directly (the Python API) ------------------------------------
 
 
@@ -307,8 +377,8 @@ def test_dataclasses_check_their_values_when_built_directly() -> None:
         CheckpointConfig(output_dir="o", save_total_limit=True)
     with pytest.raises(ConfigError, match=r"^config key 'dynamic_checkpoint.check_interval': got True, expected"):
         DynamicCheckpointConfig(check_interval=True)
-    with pytest.raises(ConfigError, match=r"^config key 'dynamic_checkpoint.trigger_file_path': got '/abs', expected"):
-        DynamicCheckpointConfig(trigger_file_path="/abs")
+    with pytest.raises(ConfigError, match=r"^config key 'dynamic_checkpoint.trigger_file_path': got 'a/b', expected"):
+        DynamicCheckpointConfig(trigger_file_path="a/b")
 
 
 def test_config_error_is_a_value_error() -> None:
@@ -319,25 +389,53 @@ def test_config_error_is_a_value_error() -> None:
 # -- train.py refuses a bad trigger path at start-up ----------------------------------------
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ["/tmp/ckptbus-trigger", "../axolotl_checkpoint.save"])
-def test_train_py_refuses_a_trigger_path_that_is_not_a_plain_name(tmp_path: Path, name: str) -> None:
-    path = write(tmp_path, {"output_dir": str(tmp_path / "out"), "dynamic_checkpoint": {"trigger_file_path": name}})
+# -- train.py checks its config before it imports torch ------------------------------------
+
+
+def imported_top_level(importtime: str) -> set[str]:
+    """The top-level packages in what ``python -X importtime`` wrote (a line per import, on stderr)."""
+    return {
+        line.rsplit("|", 1)[1].strip().split(".")[0]
+        for line in importtime.splitlines()
+        if line.startswith("import time:") and "|" in line
+    }
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            "dynamic_checkpoint:\n  trigger_file_path: ../axolotl_checkpoint.save\n",
+            "config key 'dynamic_checkpoint.trigger_file_path': got '../axolotl_checkpoint.save', "
+            f"expected {TRIGGER_PATH}",
+        ),
+        ("max_step: 5\n", "unknown config key 'max_step'; did you mean 'max_steps'?"),
+        ("max_steps: 0\n", "config key 'max_steps': got 0, expected a whole number >= 1"),
+        (
+            "save_steps: 5\nsave_steps: 6\n",
+            "config key 'save_steps' is written twice (on lines 2 and 3); YAML would keep only the last one",
+        ),
+    ],
+    ids=["trigger-path", "typo", "train-key", "duplicate"],
+)
+def test_train_py_reports_a_bad_config_before_importing_torch(tmp_path: Path, body: str, expected: str) -> None:
+    out = tmp_path / "out"
+    path = write(tmp_path, f"output_dir: {out}\n{body}")
     proc = subprocess.run(
-        [sys.executable, str(REPO / "train.py"), "--config", str(path)],
+        [sys.executable, "-X", "importtime", str(REPO / "train.py"), "--config", str(path)],
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    assert proc.returncode == 1, proc.stderr
-    assert (
-        f"train.py: {path}: config key 'dynamic_checkpoint.trigger_file_path': got {name!r}, expected {PLAIN_NAME}"
-        in proc.stderr
-    )
+    assert proc.returncode == 2, proc.stderr
+    assert f"train.py: {path}: {expected}" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert not (tmp_path / "out").exists(), "nothing is started or written before the config is valid"
+    imported = imported_top_level(proc.stderr)
+    assert {"ckptbus", "yaml"} <= imported, "-X importtime lists what was imported"
+    assert not imported & {"torch", "transformers", "accelerate"}, "the config is checked before torch is imported"
+    assert not out.exists(), "nothing is started or written before the config is valid"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from launch import results_of, run_ranks
+from runs import results_of, run_ranks
 
 from ckptbus import SaveRequested
 from ckptbus._coordinator import (

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from launch import BIN, REPO, TrainingRun, accelerate_launch, free_port
+from procs import free_port
+from runs import BIN, REPO, TrainingRun, accelerate_launch
 
 MARKER = re.compile(r"^<!-- test: (?P<kind>[a-z]+)(?P<options>[^>]*)-->\s*$")
 FENCE = re.compile(r"^(?P<fence>```+|~~~+)")
@@ -124,11 +125,14 @@ class Page:
     def training(self) -> TrainingRun:
         """``make train``'s job in this directory (started on first use), past its first vote."""
         if self.run is None:
-            run = TrainingRun(self.workdir, name="make-train")
-            run.config_path.unlink()  # the run uses configs/tiny.yaml itself, as `make train` does
-            run.output_dir = self.workdir / "outputs" / "tiny"
-            run.cmd = accelerate_launch("train.py", "--config", "configs/tiny.yaml", "--max-steps", "100000")
-            self.run = run.start()
+            # The run uses configs/tiny.yaml itself (output_dir: outputs/tiny), as `make train` does.
+            run = TrainingRun(
+                self.workdir, name="make-train", config={"output_dir": str(self.workdir / "outputs/tiny")}
+            )
+            run.config_path.unlink()
+            self.run = run.start(
+                accelerate_launch("train.py", "--config", "configs/tiny.yaml", "--max-steps", "100000")
+            )
             self.run.wait_for_step(12, timeout=TIMEOUT)
         return self.run
 

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ckptbus.plugins.file_trigger import FileTrigger
-from launch import TrainingRun
+from ckptbus._source import RunInfo
+from ckptbus.plugins.sources.file import FileTrigger
+from runs import TrainingRun
 
 from ckptbus import Bus, CheckpointInfo, SaveRequested, SaveStarted, list_checkpoints
 from ckptbus._coordinator import Coordinator
@@ -33,8 +34,12 @@ class Recorder:
         self.bus = Bus()
         self.requests: list[SaveRequested] = []
         self.bus.subscribe("save_requested", self.requests.append)
-        self.trigger = FileTrigger(self.bus, out, name, check_interval=interval, is_main_process=main)
+        self.trigger = FileTrigger(name, check_interval=interval)
+        self.run = RunInfo(rank=0 if main else 1, world_size=2, output_dir=out)
         self.path = out / name
+
+    def start(self) -> None:
+        self.trigger.start(self.bus, self.run)
 
     def agree(self, *request_ids: str, step: int = 5) -> None:
         """What the sink publishes once every rank agreed to save."""
@@ -60,7 +65,7 @@ def warnings_of(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 
 def test_looks_only_every_check_interval_steps_and_asks_once(tmp_path: Path) -> None:
     rec = Recorder(tmp_path)
-    rec.trigger.start()
+    rec.start()
     rec.path.touch()
     for step in range(1, 5):
         rec.trigger.poll(step)
@@ -76,7 +81,7 @@ def test_looks_only_every_check_interval_steps_and_asks_once(tmp_path: Path) -> 
 
 def test_deleted_only_when_every_rank_agreed_then_reusable(tmp_path: Path) -> None:
     rec = Recorder(tmp_path)
-    rec.trigger.start()
+    rec.start()
     rec.path.touch()
     rec.trigger.poll(5)
     rec.agree("some-other-request")
@@ -110,7 +115,7 @@ def test_a_failed_vote_keeps_the_file_and_the_request(tmp_path: Path) -> None:
 
     coordinator = Coordinator(exchange, check_interval=5)
     rec.bus.subscribe("save_requested", coordinator.enqueue)
-    rec.trigger.start()
+    rec.start()
     rec.path.touch()
     rec.trigger.poll(5)
     with pytest.raises(RuntimeError):
@@ -127,7 +132,7 @@ def test_a_failed_vote_keeps_the_file_and_the_request(tmp_path: Path) -> None:
 def test_other_ranks_never_look_and_never_delete(tmp_path: Path) -> None:
     rec = Recorder(tmp_path, main=False)
     rec.path.touch()
-    rec.trigger.start()
+    rec.start()
     for step in range(0, 50, 5):
         rec.trigger.poll(step)
     rec.agree("x")
@@ -138,7 +143,7 @@ def test_other_ranks_never_look_and_never_delete(tmp_path: Path) -> None:
 
 def test_custom_file_name(tmp_path: Path) -> None:
     rec = Recorder(tmp_path, name="save-now.please", interval=1)
-    rec.trigger.start()
+    rec.start()
     (tmp_path / TRIGGER).touch()
     rec.trigger.poll(1)
     assert rec.requests == []
@@ -152,7 +157,7 @@ def test_custom_file_name(tmp_path: Path) -> None:
 
 def test_a_symlink_to_a_regular_file_triggers_and_only_the_link_is_removed(tmp_path: Path) -> None:
     rec = Recorder(tmp_path / "out", interval=1)
-    rec.trigger.start()
+    rec.start()
     target = tmp_path / "elsewhere"
     target.write_text("keep me")
     rec.path.symlink_to(target)
@@ -168,7 +173,7 @@ def test_leftover_trigger_is_removed_at_start_up_without_a_request(
 ) -> None:
     rec = Recorder(tmp_path)
     rec.path.touch()
-    rec.trigger.start()
+    rec.start()
     assert not rec.path.exists()
     assert len(warnings_of(caplog, "was already there at start-up (left from an earlier run)")) == 1
     for step in range(0, 30, 5):
@@ -181,7 +186,7 @@ def test_a_path_that_is_not_a_file_warns_once_and_never_asks(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, problem: str
 ) -> None:
     rec = Recorder(tmp_path, interval=1)
-    rec.trigger.start()
+    rec.start()
     if problem == "directory":
         rec.path.mkdir()
         text = "is a directory; ignoring it (it will not trigger saves)"
@@ -219,7 +224,7 @@ def test_a_leftover_directory_at_start_up_warns_once_and_is_kept(
 ) -> None:
     rec = Recorder(tmp_path)
     rec.path.mkdir()
-    rec.trigger.start()
+    rec.start()
     for step in range(0, 50, 5):
         rec.trigger.poll(step)
     assert rec.path.is_dir()
@@ -229,7 +234,7 @@ def test_a_leftover_directory_at_start_up_warns_once_and_is_kept(
 
 def test_close_unsubscribes(tmp_path: Path) -> None:
     rec = Recorder(tmp_path, interval=1)
-    rec.trigger.start()
+    rec.start()
     rec.path.touch()
     rec.trigger.poll(1)
     rec.trigger.close()

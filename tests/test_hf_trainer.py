@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from launch import BIN, TrainingRun, accelerate_launch, read_jsonl
+from runs import BIN, TrainingRun, accelerate_launch, read_jsonl
 from test_torch_save_crc import bad_crc_records
 
 from ckptbus import CheckpointError, ConfigError, SetupError, list_checkpoints, read_checkpoint
@@ -99,13 +99,14 @@ def test_output_dir_comes_from_training_arguments(tmp_path: Path) -> None:
 
 
 def test_resume_checkpoint_takes_complete_full_checkpoints_only(tmp_path: Path) -> None:
-    from ckptbus.plugins.hf_trainer import DynamicCheckpointCallback, _write_manifest
+    from ckptbus._layout import write_manifest
+    from ckptbus.plugins.hf_trainer import DynamicCheckpointCallback
 
     def checkpoint(step: int, kind: str) -> Path:
         path = tmp_path / f"checkpoint-{step}"
         path.mkdir()
         (path / "model.safetensors").write_bytes(b"x" * step)
-        _write_manifest(path, step=step, kind=kind, reason="file", world_size=2)
+        write_manifest(path, {"step": step, "kind": kind, "reason": "file", "world_size": 2})
         return path
 
     full, weights = checkpoint(10, "full"), checkpoint(20, "weights")
@@ -134,8 +135,7 @@ def trainer_run(tmp_path: Path) -> Iterator[Callable[..., TrainingRun]]:
         config.update(output_dir=str(tmp_path / "out"), max_steps=max_steps)
         config["dynamic_checkpoint"]["check_interval"] = 5
         run = TrainingRun(tmp_path, name=f"trainer{len(runs)}", config=config, raw_config=True)
-        run.cmd = accelerate_launch(SCRIPT, str(run.config_path), *args)
-        runs.append(run.start())
+        runs.append(run.start(accelerate_launch(SCRIPT, str(run.config_path), *args)))
         return run
 
     yield start

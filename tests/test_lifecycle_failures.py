@@ -26,13 +26,13 @@ import contextlib
 import os
 import re
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from launch import TrainingRun, limit_file_size
+from procs import limit_file_size
+from runs import TrainingRun
 
 from ckptbus import checkpoint_path, latest_full, list_checkpoints, read_checkpoint
 from ckptbus._layout import STAGING_PREFIX, commit, prepare_staging
@@ -188,19 +188,6 @@ def test_read_only_output_dir(launch: Launch, tmp_path: Path, on_failure: str) -
         assert "training stopped at step 5 because the checkpoint could not be saved" in run.log()
 
 
-def wait_tight(condition: Callable[[], Any], what: str, run: TrainingRun, timeout: float = 120.0) -> Any:
-    """Poll every millisecond: the moments a save passes through are short."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        if not run.alive():
-            raise AssertionError(f"run exited while waiting for {what}\n{run.log_tail()}")
-        time.sleep(0.001)
-    raise AssertionError(f"timed out waiting for {what}\n{run.log_tail()}")
-
-
 def staged_file(out: Path, name: str | None) -> Callable[[], bool]:
     """True once a staging directory exists (holding ``name``, if given)."""
 
@@ -235,7 +222,8 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint(
     assert first["event"] == "SaveCompleted", first
 
     (out / "axolotl_checkpoint.save").touch()
-    wait_tight(staged_file(out, moment), f"a staging directory with {moment or 'anything'}", run)
+    # Polled every millisecond: the moments a save passes through are short.
+    run.wait_for(staged_file(out, moment), f"a staging directory with {moment or 'anything'}", interval=0.001)
     if victim == "job":
         run.kill()
     else:

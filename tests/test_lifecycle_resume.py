@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launch import TrainingRun, read_jsonl
+from runs import TrainingRun, read_jsonl
 
 from ckptbus import checkpoint_path, latest_full, list_checkpoints, read_checkpoint
 from ckptbus._layout import MANIFEST_NAME, commit, prepare_staging, staging_path

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launch import TrainingRun
+from runs import TrainingRun
 
 from ckptbus import CheckpointConfig, ConfigError, checkpoint_path, list_checkpoints
 from ckptbus._config import build

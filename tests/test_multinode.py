@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from launch import BIN, REPO, TrainingRun, free_port
+from procs import free_port
+from runs import BIN, REPO, TrainingRun
 
 from ckptbus import checkpoint_path, list_checkpoints
 
@@ -39,7 +40,7 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
         for machine, out in enumerate(outputs):
             name = f"node{machine}-{len(runs)}"
             run = TrainingRun(tmp_path, config={**config, "output_dir": str(out)}, name=name)
-            run.cmd = [
+            command = [
                 str(BIN / "accelerate"),
                 "launch",
                 "--multi_gpu",
@@ -58,7 +59,7 @@ def nodes(tmp_path: Path) -> Iterator[Nodes]:
                 str(run.config_path),
                 *extra_args,
             ]
-            runs.append(run.start())
+            runs.append(run.start(command))
             started.append(run)
         return started
 

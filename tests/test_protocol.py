@@ -13,11 +13,13 @@ from ckptbus._protocol import (
     ERROR_CODES,
     MAX_LABEL_CHARS,
     MAX_LINE_BYTES,
+    MAX_REQUEST_BYTES,
     ProtocolError,
     SaveRequest,
     StatusRequest,
     encode,
     error_reply,
+    is_blank,
     ok_reply,
     parse_reply,
     parse_request,
@@ -102,7 +104,7 @@ def test_status_round_trips() -> None:
         (b'{"op": "save", "wait": "yes"}', "bad_request"),
         (b'{"op": "save", "wait": 1}', "bad_request"),
         (b'{"op": "save", "wait": null}', "bad_request"),
-        (b'{"op": "status", "op": 5}', "bad_request"),  # duplicate keys: the last one counts
+        (b'{"op": "status", "op": 5}', "bad_request"),  # a field given twice
         (b'{"op": "save", "label": "' + b"x" * (MAX_LABEL_CHARS + 1) + b'"}', "bad_request"),
     ],
 )
@@ -110,6 +112,46 @@ def test_bad_requests(line: bytes, code: str) -> None:
     with pytest.raises(ProtocolError) as info:
         parse_request(line)
     assert info.value.code == code, info.value.message
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        (b'{"op":"status","op":"save"}', "'op'"),
+        (b'{"op":"save","label":"a","label":"a"}', "'label'"),
+        (b'{"v":1,"op":"save","v":1}', "'v'"),
+        (b'{"op":"save","label":{"x":1,"x":2}}', "'x'"),  # inside a value too: never a silent choice
+        (b'{"op":"save","\\u006bind":"full","kind":"weights"}', "'kind'"),  # the same key, spelt otherwise
+    ],
+)
+def test_a_key_given_twice_is_refused_by_name(line: bytes, key: str) -> None:
+    with pytest.raises(ProtocolError) as info:
+        parse_request(line)
+    assert info.value.code == "bad_request"
+    assert f"field {key} is given twice" in info.value.message
+
+
+def test_replies_with_a_key_twice_still_parse() -> None:
+    # Only requests are held to it: a client keeps reading an older or foreign server's replies.
+    assert parse_reply(b'{"ok":true,"ok":true}')["ok"] is True
+
+
+def test_a_line_at_the_limit_parses_and_one_byte_more_does_not() -> None:
+    head, tail = b'{"op":"status"', b"}"
+    line = head + b" " * (MAX_REQUEST_BYTES - len(head) - len(tail)) + tail
+    assert len(line + b"\n") == MAX_LINE_BYTES
+    assert parse_request(line) == parse_request(line + b"\n") == StatusRequest()
+    with pytest.raises(ProtocolError) as info:
+        parse_request(b" " + line + b"\n")
+    assert info.value.code == "line_too_long" and str(MAX_LINE_BYTES) in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("data", "blank"),
+    [(b"", True), (b" \t\r\n", True), (b"\x0b", False), (b" \x0c ", False), (b"{}", False)],
+)
+def test_blank_input_is_what_json_skips(data: bytes, blank: bool) -> None:
+    assert is_blank(data) is blank
 
 
 def test_line_over_the_limit() -> None:

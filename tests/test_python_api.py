@@ -7,13 +7,11 @@ the refusal to run when accelerate and torch.distributed disagree.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from launch import TrainingRun, accelerate_launch
+from runs import TrainingRun, accelerate_launch, read_jsonl
 
 from ckptbus import list_checkpoints
 
@@ -31,17 +29,12 @@ def user_loop(tmp_path: Path) -> Iterator[Callable[..., TrainingRun]]:
     def start(*args: str) -> TrainingRun:
         run = TrainingRun(tmp_path, name=f"user{len(runs)}")
         run.config_path.unlink()  # the script takes no config file
-        run.cmd = accelerate_launch(SCRIPT, str(run.output_dir), *args)
-        runs.append(run.start())
+        runs.append(run.start(accelerate_launch(SCRIPT, str(run.output_dir), *args)))
         return run
 
     yield start
     for run in runs:
         run.kill()
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def test_user_loop_saves_on_trigger_and_survives_a_raising_receiver(user_loop: Callable[..., TrainingRun]) -> None:
@@ -67,7 +60,7 @@ def test_user_loop_saves_on_trigger_and_survives_a_raising_receiver(user_loop: C
 
     # The receiver connected after the raising one ran on both ranks, and training went on.
     for rank in (0, 1):
-        assert read_lines(run.output_dir / f"user-events-{rank}.jsonl") == [
+        assert read_jsonl(run.output_dir / f"user-events-{rank}.jsonl") == [
             {"event": "SaveCompleted", "step": ckpt.step, "path": str(ckpt.path)}
         ]
     assert run.last_step() == ckpt.step + 20

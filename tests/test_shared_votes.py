@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from ckptbus.plugins.shared_votes import VOTES_ENV, SharedVotes, shared_memory_dir
-from launch import results_of, run_ranks
+from runs import results_of, run_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "shared_votes_rank.py"
 LENGTH = 10

@@ -24,13 +24,15 @@ from typing import Any
 
 import pytest
 import yaml
-from ckptbus.plugins.signals import SignalTrigger
-from launch import REPO, TrainingRun, descendants
+from ckptbus.plugins.sources.signals import SignalTrigger
+from procs import descendants, wait_for
+from runs import REPO, TrainingRun
 
 from ckptbus import Bus, ConfigError, SaveCompleted, SaveRequested, list_checkpoints, load_config, read_checkpoint
 from ckptbus._config import SIGNAL_ACTIONS, SignalsConfig
 from ckptbus._coordinator import Decision, decode_vote, encode_vote
 from ckptbus._layout import STAGING_PREFIX
+from ckptbus._source import RunInfo
 
 WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 
@@ -48,20 +50,25 @@ def _handlers_restored() -> Iterator[None]:
     assert not extra, f"threads left running: {extra}"
 
 
-def _trigger(actions: dict[str, Any] | None = None, debounce: float = 1.0) -> tuple[SignalTrigger, list[SaveRequested]]:
+RUN = RunInfo(rank=0, world_size=1, output_dir=Path("."))
+
+
+def _trigger(
+    actions: dict[str, Any] | None = None, debounce: float = 1.0
+) -> tuple[SignalTrigger, list[SaveRequested], Bus]:
     bus = Bus()
     requests: list[SaveRequested] = []
     bus.subscribe("save_requested", requests.append)
-    trigger = SignalTrigger(bus, actions or SignalsConfig().actions(), debounce_seconds=debounce)
-    return trigger, requests
+    trigger = SignalTrigger(actions or SignalsConfig().actions(), debounce_seconds=debounce)
+    return trigger, requests, bus
 
 
 # -- the handler: records, the training thread publishes ------------------------
 
 
 def test_sigint_is_recorded_and_published_at_the_next_poll() -> None:
-    trigger, requests = _trigger()
-    trigger.start()
+    trigger, requests, bus = _trigger()
+    trigger.start(bus, RUN)
     try:
         os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt
         assert trigger.stop_requested
@@ -77,8 +84,8 @@ def test_sigint_is_recorded_and_published_at_the_next_poll() -> None:
 @pytest.mark.parametrize("action", [a for a in SIGNAL_ACTIONS if a != "none"])
 @pytest.mark.parametrize("signum", WATCHED)
 def test_each_signal_and_action(signum: signal.Signals, action: str) -> None:
-    trigger, requests = _trigger({signum.name: action})
-    trigger.start()
+    trigger, requests, bus = _trigger({signum.name: action})
+    trigger.start(bus, RUN)
     try:
         os.kill(os.getpid(), signum)
         trigger.poll(3)
@@ -96,23 +103,23 @@ def test_defaults_and_none_leave_a_signal_alone() -> None:
         "SIGHUP": "full_exit",
         "SIGUSR1": "none",
     }
-    trigger, _ = _trigger()
-    trigger.start()
+    trigger, _, bus = _trigger()
+    trigger.start(bus, RUN)
     try:
         assert set(trigger.installed) == {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
         assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
     finally:
         trigger.close()
-    nothing, _ = _trigger({"SIGINT": "none", "SIGTERM": "none"})
-    nothing.start()
+    nothing, _, bus = _trigger({"SIGINT": "none", "SIGTERM": "none"})
+    nothing.start(bus, RUN)
     assert nothing.installed == ()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     nothing.close()
 
 
 def test_repeats_within_the_debounce_window_are_one_request() -> None:
-    trigger, requests = _trigger(debounce=30.0)
-    trigger.start()
+    trigger, requests, bus = _trigger(debounce=30.0)
+    trigger.start(bus, RUN)
     try:
         for _ in range(3):
             os.kill(os.getpid(), signal.SIGINT)
@@ -125,8 +132,8 @@ def test_repeats_within_the_debounce_window_are_one_request() -> None:
 
 
 def test_continue_then_stop() -> None:
-    trigger, requests = _trigger({"SIGUSR1": "full_continue", "SIGINT": "weights_exit"}, debounce=0.0)
-    trigger.start()
+    trigger, requests, bus = _trigger({"SIGUSR1": "full_continue", "SIGINT": "weights_exit"}, debounce=0.0)
+    trigger.start(bus, RUN)
     try:
         os.kill(os.getpid(), signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)  # saving and going on is never an abort
@@ -147,8 +154,8 @@ def test_chains_to_a_python_handler_installed_before() -> None:
 
     previous = signal.signal(signal.SIGTERM, user_handler)
     try:
-        trigger, requests = _trigger({"SIGTERM": "full_exit"})
-        trigger.start()
+        trigger, requests, bus = _trigger({"SIGTERM": "full_exit"})
+        trigger.start(bus, RUN)
         os.kill(os.getpid(), signal.SIGTERM)
         trigger.poll(1)
         trigger.close()
@@ -162,8 +169,8 @@ def test_chains_to_a_python_handler_installed_before() -> None:
 def test_an_ignored_signal_stays_ignored() -> None:
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # what nohup does
     try:
-        trigger, requests = _trigger({"SIGHUP": "full_exit"})
-        trigger.start()
+        trigger, requests, bus = _trigger({"SIGHUP": "full_exit"})
+        trigger.start(bus, RUN)
         assert trigger.installed == ()
         os.kill(os.getpid(), signal.SIGHUP)
         trigger.poll(1)
@@ -176,8 +183,8 @@ def test_an_ignored_signal_stays_ignored() -> None:
 
 def test_close_restores_and_is_idempotent_and_respects_a_later_handler() -> None:
     original = signal.getsignal(signal.SIGTERM)
-    trigger, _ = _trigger()
-    trigger.start()
+    trigger, _, bus = _trigger()
+    trigger.start(bus, RUN)
     assert signal.getsignal(signal.SIGINT) != signal.default_int_handler
 
     def later(signum: int, frame: FrameType | None) -> None:
@@ -195,16 +202,16 @@ def test_close_restores_and_is_idempotent_and_respects_a_later_handler() -> None
 
 
 def test_start_twice_installs_once() -> None:
-    trigger, _ = _trigger()
-    trigger.start()
-    trigger.start()
+    trigger, _, bus = _trigger()
+    trigger.start(bus, RUN)
+    trigger.start(bus, RUN)
     trigger.close()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_outside_the_main_thread_warns_and_installs_nothing(caplog: pytest.LogCaptureFixture) -> None:
-    trigger, _ = _trigger()
-    worker = threading.Thread(target=trigger.start)
+    trigger, _, bus = _trigger()
+    worker = threading.Thread(target=trigger.start, args=(bus, RUN))
     worker.start()
     worker.join()
     assert trigger.installed == ()
@@ -213,8 +220,8 @@ def test_outside_the_main_thread_warns_and_installs_nothing(caplog: pytest.LogCa
 
 
 def test_save_time_is_logged_for_the_signal(caplog: pytest.LogCaptureFixture) -> None:
-    trigger, requests = _trigger()
-    trigger.start()
+    trigger, requests, bus = _trigger()
+    trigger.start(bus, RUN)
     try:
         os.kill(os.getpid(), signal.SIGTERM)
         trigger.poll(4)
@@ -238,11 +245,11 @@ def test_save_time_is_logged_for_the_signal(caplog: pytest.LogCaptureFixture) ->
 
 def test_bad_names_are_refused() -> None:
     with pytest.raises(ValueError, match="unknown signal 'SIGNOPE'"):
-        SignalTrigger(Bus(), {"SIGNOPE": "full_exit"})
+        SignalTrigger({"SIGNOPE": "full_exit"})
     with pytest.raises(ValueError, match="SIGKILL cannot be caught"):
-        SignalTrigger(Bus(), {"SIGKILL": "full_exit"})
+        SignalTrigger({"SIGKILL": "full_exit"})
     with pytest.raises(ValueError, match="action for SIGINT must be one of"):
-        SignalTrigger(Bus(), {"SIGINT": "explode"})
+        SignalTrigger({"SIGINT": "explode"})
 
 
 # -- a second press: a real process dies at once ---------------------------------
@@ -250,17 +257,19 @@ def test_bad_names_are_refused() -> None:
 _CHILD = textwrap.dedent(
     """
     import sys
+    from pathlib import Path
     from ckptbus import Bus
-    from ckptbus.plugins.signals import SignalTrigger
+    from ckptbus._source import RunInfo
+    from ckptbus.plugins.sources.signals import SignalTrigger
 
     bus = Bus()
     requests = []
     bus.subscribe("save_requested", requests.append)
     trigger = SignalTrigger(
-        bus, {"SIGINT": "weights_exit", "SIGTERM": "full_exit", "SIGUSR1": "full_continue"},
+        {"SIGINT": "weights_exit", "SIGTERM": "full_exit", "SIGUSR1": "full_continue"},
         debounce_seconds=float(sys.argv[1]),
     )
-    trigger.start()
+    trigger.start(bus, RunInfo(rank=0, world_size=1, output_dir=Path(".")))
     print("ready", flush=True)
     for line in sys.stdin:  # the test asks for a poll with each line
         trigger.poll(1)
@@ -429,13 +438,13 @@ def _child_subreaper() -> Iterator[None]:
 
 def _reap(pid: int, timeout: float = 120.0) -> int:
     """Wait for the adopted process ``pid`` and return its exit code (negative: killed by that signal)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def exit_status() -> tuple[int] | None:
         done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    raise AssertionError(f"process {pid} did not exit within {timeout} s")
+        return (status,) if done else None  # a tuple: an exit status of 0 counts as exited
+
+    (status,) = wait_for(exit_status, f"process {pid} to exit", timeout, interval=0.05)
+    return os.waitstatus_to_exitcode(status)
 
 
 @pytest.mark.slow

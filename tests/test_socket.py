@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ckptbus.plugins.unix_socket import UnixSocketTrigger
+from ckptbus.plugins.sources.socket_requests import Admitted, SocketRequests
+from ckptbus.plugins.sources.unix_socket import UnixSocketTrigger
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from launch import DEFAULT_TIMEOUT, TrainingRun, fd_count, raw_exchange, reply_lines, thread_count
+from procs import fd_count, thread_count
+from runs import DEFAULT_TIMEOUT, TrainingRun
+from socket_client import raw_exchange, reply_lines
 
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveRequested, read_checkpoint
 from ckptbus._client import call
@@ -41,6 +44,7 @@ from ckptbus._socket_path import (
     fallback_socket_path,
     read_pointer,
 )
+from ckptbus._source import RunInfo
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
@@ -67,9 +71,9 @@ class Served:
         self.requests: list[SaveRequested] = []
         self.bus.subscribe("save_requested", self.requests.append)
         kwargs.setdefault("timeout", 1.0)
-        kwargs.setdefault("status", lambda: {"step": 7, "pending_requests": len(self.requests)})
-        self.trigger = UnixSocketTrigger(self.bus, output_dir, **kwargs)
-        self.trigger.start()
+        status = kwargs.pop("status", lambda: {"step": 7, "pending_requests": len(self.requests)})
+        self.trigger = UnixSocketTrigger(**kwargs)
+        self.trigger.start(self.bus, RunInfo(rank=0, world_size=1, output_dir=output_dir, status=status))
 
     @property
     def path(self) -> Path:
@@ -243,6 +247,89 @@ def test_client_that_leaves_before_its_reply(serve: Callable[..., Served]) -> No
     wait_until(lambda: served.status()["socket_clients"] == 1, "the server to notice")  # only the status client
     served.complete(served.requests[0])
     assert served.status()["socket_requests"] == []
+
+
+def test_client_that_stops_sending_still_gets_every_reply(serve: Callable[..., Served]) -> None:
+    """``printf '{"op":"save"}\\n' | socat - UNIX-CONNECT:...`` shuts down its sending side, then reads both lines."""
+    served = serve()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(20)
+        sock.connect(str(served.path))
+        sock.sendall(b'{"op": "save", "label": "half-closed"}\n')
+        sock.shutdown(socket.SHUT_WR)
+        replies = sock.makefile("rb")
+        queued = json.loads(replies.readline())
+        assert queued["state"] == "queued"
+        # The server has seen our end of input before it answers a later connection: still waiting.
+        assert served.status()["socket_requests"][0]["waiting"] == 1
+        path = served.complete(served.requests[0])
+        completed = json.loads(replies.readline())
+        assert replies.readline() == b"", "the server closes after the outcome"
+    assert completed["state"] == "completed" and completed["path"] == path
+    assert completed["request_id"] == queued["request_id"] and completed["labels"] == ["half-closed"]
+
+
+def test_a_line_of_the_largest_size_is_a_request(serve: Callable[..., Served]) -> None:
+    served = serve()
+    head, tail = b'{"op": "status"', b"}\n"
+    line = head + b" " * (MAX_LINE_BYTES - len(head) - len(tail)) + tail
+    (reply,) = reply_lines(raw_exchange(served.path, line))
+    assert len(line) == MAX_LINE_BYTES and reply["ok"] is True
+    (reply,) = reply_lines(raw_exchange(served.path, head + b" " + line[len(head) :]))
+    assert reply["error"]["code"] == "line_too_long"
+
+
+# -- request bookkeeping, without sockets -----------------------------------------------------
+
+
+def settled(requests: SocketRequests[str], request_id: str) -> list[tuple[str, list[str]]]:
+    outcome = SaveFailed(
+        step=1, kind="full", reasons=("socket",), request_ids=(request_id,), labels=(), exit_after=False, error="x"
+    )
+    answered: list[tuple[str, list[str]]] = requests.settle(outcome)
+    return answered
+
+
+def test_requests_join_an_outstanding_one_that_serves_them() -> None:
+    requests: SocketRequests[str] = SocketRequests(reason="socket")
+    first = requests.admit(SaveRequest(label="a"))
+    assert first is not None and first.publish is not None and not first.shared
+    assert (first.publish.reason, first.publish.label, first.publish.request_id) == ("socket", "a", first.request_id)
+    for joining in (SaveRequest(), SaveRequest(kind="weights"), SaveRequest(label="a", kind="weights")):
+        assert requests.admit(joining) == Admitted(first.request_id, shared=True, publish=None)
+    other = requests.admit(SaveRequest(label="b"))
+    assert other is not None and other.publish is not None and other.request_id != first.request_id
+    # A pending weights request does not cover a full one.
+    weights = SocketRequests[str](reason="socket").admit(SaveRequest(kind="weights"))
+    assert weights is not None and weights.publish is not None and weights.publish.kind == "weights"
+
+
+def test_waiters_are_handed_back_once_and_leaving_ones_are_forgotten() -> None:
+    requests: SocketRequests[str] = SocketRequests(reason="socket")
+    admitted = requests.admit(SaveRequest())
+    assert admitted is not None
+    rid = admitted.request_id
+    for waiter in ("a", "b", "c"):
+        requests.wait(rid, waiter)
+    requests.leave(rid, "b")
+    requests.leave(rid, "nobody")
+    assert requests.snapshot() == [{"request_id": rid, "kind": "full", "label": None, "waiting": 2}]
+    assert settled(requests, "someone-elses-request") == []
+    assert settled(requests, rid) == [(rid, ["a", "c"])]
+    assert settled(requests, rid) == [] and requests.snapshot() == []
+    with pytest.raises(KeyError):
+        requests.wait(rid, "late")
+
+
+def test_outstanding_requests_are_bounded_and_abandoned_at_the_end() -> None:
+    requests: SocketRequests[str] = SocketRequests(reason="socket", limit=2)
+    a, b = requests.admit(SaveRequest(label="a")), requests.admit(SaveRequest(label="b"))
+    assert a is not None and b is not None
+    assert requests.admit(SaveRequest(label="c")) is None, "a third label is refused"
+    assert requests.admit(SaveRequest(label="a")) is not None, "one that joins is not"
+    requests.wait(a.request_id, "waiting on a")
+    assert requests.abandon() == [(a.request_id, ["waiting on a"])]
+    assert requests.snapshot() == [] and requests.admit(SaveRequest(label="c")) is not None
 
 
 # -- bad input ------------------------------------------------------------------------------

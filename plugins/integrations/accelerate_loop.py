@@ -24,13 +24,14 @@ from types import TracebackType
 import torch
 from accelerate import Accelerator
 
-from ckptbus import CheckpointConfig, DynamicCheckpointConfig
+from ckptbus import CheckpointConfig, CheckpointError, DynamicCheckpointConfig
 from ckptbus._coordinator import Decision
 from ckptbus._layout import clean_leftovers
 
 from ..distributed import TorchExchange, check_world
 from ..runtime import RunControls, Runtime
 from ..saving.accelerate_sink import AccelerateSink
+from .load_state import load_checkpoint
 
 logger = logging.getLogger("ckptbus")
 
@@ -129,22 +130,30 @@ class DynamicCheckpoint(RunControls):
         """Load a full checkpoint with ``accelerator.load_state``; return its step (0 if nothing to resume).
 
         ``checkpoint`` is a path, ``"latest"`` (the newest complete full
-        checkpoint in ``output_dir``; a fresh start, with a log line, if there
-        is none), or None for the config's ``resume_from_checkpoint``. Only
-        complete checkpoints (manifest written last, every listed file there)
-        are taken. Call it on every rank: the ranks agree on the step before
-        anything is loaded (with one ``output_dir`` per node, each node
-        resolves ``latest`` in its own directory).
+        checkpoint in ``output_dir`` that passes verification; a fresh start,
+        with a log line, if there is none at all), ``"latest_or_fresh"``, or
+        None for the config's ``resume_from_checkpoint`` (docs/resume.md).
+        Every file is checked against the manifest's sizes and digests before
+        anything is loaded (``dynamic_checkpoint.verify``). Call it on every
+        rank: the ranks agree on the step before anything is loaded (with one
+        ``output_dir`` per node, each node resolves ``latest`` in its own
+        directory), and on the outcome of loading.
 
-        Raises :class:`~ckptbus.CheckpointError` on every rank for a path
-        that is not a complete checkpoint, a weights-only checkpoint, or when
-        ranks found different checkpoints.
+        Raises :class:`~ckptbus.CheckpointError` on every rank, before
+        training, for a path that is not a complete checkpoint, a weights-only
+        checkpoint, a file that fails verification or does not load (named,
+        with the cause), checkpoints under ``latest`` of which none passes,
+        or when ranks found different checkpoints.
         """
         info = self._runtime.resolve_resume(checkpoint)
         if info is None:
             return 0
-        self.accelerator.load_state(str(info.path))
-        self._runtime.last_step = info.step
+        error: CheckpointError | None = None
+        try:
+            load_checkpoint(self.accelerator, info)
+        except CheckpointError as exc:
+            error = exc
+        self._runtime.loaded(info, error)  # a rank that could not load stops every rank
         logger.info("ckptbus: resumed from %s at step %d", info.path, info.step)
         return info.step
 

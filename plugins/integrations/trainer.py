@@ -171,11 +171,16 @@ class DynamicCheckpointCallback(TrainerCallback, RunControls):
         """What to pass to ``trainer.train(resume_from_checkpoint=...)``: a complete full checkpoint, or None.
 
         ``checkpoint``: a path, ``"latest"`` (the newest complete full
-        checkpoint in ``output_dir``; None, with a log line, if there is
-        none), or None for the config's ``resume_from_checkpoint``. Call it
-        after creating the Trainer when ``output_dir`` comes from it. Raises
-        :class:`~ckptbus.CheckpointError` for a path that is not a complete
-        full checkpoint.
+        checkpoint in ``output_dir`` that passes verification; None, with a
+        log line, if there is none at all), ``"latest_or_fresh"``, or None
+        for the config's ``resume_from_checkpoint`` (docs/resume.md). Every
+        file is checked against the manifest's sizes and digests
+        (``dynamic_checkpoint.verify``) on every rank, before the Trainer
+        loads anything. Call it after creating the Trainer when
+        ``output_dir`` comes from it. Raises :class:`~ckptbus.CheckpointError`
+        naming the checkpoint, the file and the cause for a path that is not
+        a complete full checkpoint or fails verification, and under
+        ``latest`` when checkpoints exist and none passes.
         """
         self.output_dir  # noqa: B018 (raises SetupError while output_dir is unknown)
         info = self._runtime.resolve_resume(checkpoint)

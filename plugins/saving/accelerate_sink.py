@@ -6,9 +6,15 @@ The sequence for one save (all on the training thread of every rank):
 2. The committing process (the main process; with ``save_on_each_node`` the
    main process of each node) creates the staging directory; a collective
    tells every rank whether that worked (and doubles as the barrier).
-3. Every rank calls ``accelerator.save_state`` (full) or
-   ``accelerator.save_model`` (weights): accelerate gathers inside them, so a
-   main-process-only call would hang under FSDP/DeepSpeed.
+3. Every rank writes. A full save under replicated state (one process,
+   DDP) is written by ckptbus itself, in the files and formats
+   ``accelerator.save_state`` writes: the shared files (model, optimizer,
+   scheduler, ...) are spread over the ranks by bytes and written in
+   parallel, each digested as it is written (plugins/saving/file_writer.py),
+   and every rank writes its own RNG state. Elsewhere (DeepSpeed, FSDP, a
+   ``save_state`` pre-hook) every rank calls ``accelerator.save_state``; a
+   weights save calls ``accelerator.save_model`` on every rank: accelerate
+   gathers inside them, so a main-process-only call would hang.
 4. A collective counts failures: if any rank failed, all ranks report
    ``save_failed`` with that rank's message and the staging directory is
    removed; training goes on (or stops, with ``on_save_failure: stop``).
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +47,7 @@ from ckptbus._coordinator import Decision
 from ckptbus._layout import checkpoint_path, commit, discard, prepare_staging, staging_path, withdraw
 
 from ..runtime import Runtime
-from .async_writer import HostSnapshot, Snapshot, WriteJob, async_unsupported
+from .async_writer import HostSnapshot, Snapshot, WriteJob, async_unsupported, plan_writers
 from .torch_save_crc import torch_save_crc32
 
 logger = logging.getLogger("ckptbus")
@@ -49,13 +56,15 @@ logger = logging.getLogger("ckptbus")
 class _Save:
     """One save's names and progress, shared by its stages."""
 
-    __slots__ = ("decision", "final", "renamed", "sink", "staging", "started")
+    __slots__ = ("decision", "digests", "final", "renamed", "sink", "staging", "started")
 
     def __init__(self, sink: AccelerateSink, decision: Decision) -> None:
         self.sink = sink
         self.decision = decision
         self.final = checkpoint_path(sink.output_dir, decision.step)
         self.staging = staging_path(sink.output_dir, decision.step)
+        self.digests: dict[str, str] = {}
+        """The digests of the files this rank wrote itself, taken as it wrote them."""
         self.started = time.perf_counter()
         self.renamed = False
 
@@ -106,6 +115,11 @@ class AccelerateSink:
         self._async: _InFlight | None = None
         self.copy_wait_seconds = 0.0
         """How long ``optimizer.step()`` waited for the deferred copies of asynchronous saves, in all (a diagnostic)."""
+        self.parallel_writers = True
+        """Spread the shared files of a full save over the ranks (False: the main process writes them, as
+        ``save_state`` does). Only benchmarks turn it off, to measure what it brings."""
+        self.digest_while_writing = True
+        """Digest each file as it is written (False: the committer reads them back). Only benchmarks turn it off."""
 
     @property
     def is_committer(self) -> bool:
@@ -130,12 +144,13 @@ class AccelerateSink:
     def execute(self, decision: Decision) -> SaveCompleted | SaveFailed:
         """Save ``decision.step`` on every rank; publish and return the outcome. Call on every rank."""
         save = self._start(decision)
+        writes = self._writes() if decision.kind == "full" else None
         write_started = time.perf_counter()
 
         def write() -> None:
             nonlocal write_started
             write_started = time.perf_counter()
-            self._write(decision.kind, save.staging)
+            save.digests = self._write(decision.kind, save.staging, writes)
 
         for what, stage in (("creating the staging directory", save.prepare), ("writing", write)):
             error = self.runtime.agree(what, stage)
@@ -178,8 +193,10 @@ class AccelerateSink:
         save = self._start(decision)
         snapshot: list[Snapshot] = []
 
+        writes = self._writes()
+
         def take() -> None:
-            snapshot.append(self._snapshot.take(self.accelerator))
+            snapshot.append(self._snapshot.take(self.accelerator, writes=writes))
 
         for what, stage in (
             ("creating the staging directory", save.prepare),
@@ -188,7 +205,9 @@ class AccelerateSink:
             error = self.runtime.agree(what, stage)
             if error is not None:
                 return self._fail(save, error)
-        job = WriteJob(snapshot[0], save.staging, torch_save_crc32=self.torch_save_crc32)
+        job = WriteJob(
+            snapshot[0], save.staging, torch_save_crc32=self.torch_save_crc32, digest=self.digest_while_writing
+        )
         flight = _InFlight(save, job, stall=0.0)
         for optimizer in self.accelerator._optimizers:
             # On the torch optimizer inside accelerate's wrapper: its step() is the one that changes the state.
@@ -228,6 +247,7 @@ class AccelerateSink:
         error = self.runtime.agree("writing", check)
         if error is not None:
             return self._fail(flight.save, error.replace(": OSError: ", ": ", 1))
+        flight.save.digests = flight.job.digests
         return self._commit(flight.save, stall_before=stall_ms / 1000, write_before=write_ms / 1000, since=polled)
 
     # -- one save, start to end -------------------------------------------------
@@ -258,6 +278,7 @@ class AccelerateSink:
         decision = save.decision
         committed_bytes = 0
         timings = [0.0, 0.0]
+        digests = {name: d for part in self.runtime.gathered(save.digests) for name, d in part.items()}
 
         def finish() -> None:
             nonlocal committed_bytes
@@ -276,6 +297,7 @@ class AccelerateSink:
                     save.final,
                     self.runtime.manifest_fields(decision, decision.kind),
                     timings_with_fsync,
+                    digests,
                 )
                 committed_bytes = manifest.bytes
                 timings[:] = [manifest.stall_seconds, manifest.write_seconds]
@@ -295,15 +317,46 @@ class AccelerateSink:
 
     # -- the stages ---------------------------------------------------------
 
-    def _write(self, kind: str, staging: Path) -> None:
-        if kind == "full":
-            with torch_save_crc32(self.torch_save_crc32):  # see plugins/torch_save_crc.py
+    def _write(self, kind: str, staging: Path, writes: set[str] | None) -> dict[str, str]:
+        """Write this rank's part of the save; return the digests of the files ckptbus wrote itself."""
+        if kind == "full" and writes is not None:
+            snapshot = self._snapshot.take(self.accelerator, writes=writes, copy=False)
+            job = WriteJob(snapshot, staging, torch_save_crc32=self.torch_save_crc32, digest=self.digest_while_writing)
+            job.write()
+            return job.digests
+        if kind == "full":  # a run ckptbus cannot write itself (DeepSpeed, FSDP, a save_state pre-hook)
+            with torch_save_crc32(self.torch_save_crc32):  # see plugins/saving/torch_save_crc.py
                 self.accelerator.save_state(str(staging))
-            return
+            return {}
         model = self.model()
         self.accelerator.save_model(model, str(staging), safe_serialization=True)
         if self.is_committer:
             self._save_model_config(model, staging)
+        return {}
+
+    def _writes(self) -> set[str] | None:
+        """Collective: the files of a full save this rank writes, or None where ckptbus does not write them itself.
+
+        Under replicated state (one process, DDP) every rank holds the same
+        model and optimizer state, so the shared files are spread over the
+        ranks by bytes (:func:`plan_writers`) and written in parallel. With
+        ``save_on_each_node`` the main process of each machine writes them
+        all, as accelerate does. The ranks check that they made the same plan
+        (one small collective) and fall back to that rule otherwise.
+        """
+        if self.async_unsupported() is not None:
+            return None
+        sizes = HostSnapshot.shared_sizes(self.accelerator)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if self.accelerator.project_configuration.save_on_each_node:
+            return set(sizes) if self.accelerator.is_local_main_process else set()
+        plan = plan_writers(sizes, world if self.parallel_writers else 1)
+        fingerprint = zlib.crc32(repr(sorted(plan.items())).encode())
+        highest, minus_lowest = self.runtime.agreed([fingerprint, -fingerprint])
+        if highest != -minus_lowest:
+            logger.warning("ckptbus: the ranks hold different state sizes; the main process writes the shared files")
+            return set(sizes) if rank == 0 else set()
+        return {name for name, writer in plan.items() if writer == rank}
 
     def _save_model_config(self, model: torch.nn.Module, staging: Path) -> None:
         """Write config.json beside the weights so ``from_pretrained(checkpoint)`` works."""

@@ -34,8 +34,7 @@ ever: the ranks agree that every write finished on the training thread (see
 from __future__ import annotations
 
 import contextlib
-import copy
-import os
+import copy as copy_module
 import random
 import threading
 import time
@@ -48,8 +47,9 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, save
+from accelerate.utils import DistributedType
 
+from .file_writer import DigestingFile, save
 from .torch_save_crc import torch_save_crc32
 
 # What async saves support; anything else (FSDP, DeepSpeed, XLA, other devices) saves synchronously.
@@ -73,6 +73,36 @@ def _writes_shared_files(accelerator: Accelerator) -> bool:
     if accelerator.project_configuration.save_on_each_node:
         return bool(accelerator.is_local_main_process)
     return bool(accelerator.is_main_process)
+
+
+def _tensor_bytes(obj: Any, seen: set[tuple[int, int]]) -> int:
+    """Bytes of the tensors in ``obj`` (aliases counted once): what its file will hold, near enough to plan."""
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), int(obj.storage_offset()))
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def plan_writers(sizes: dict[str, int], writers: int) -> dict[str, int]:
+    """Which rank writes which shared file: largest first, each to the rank with the fewest bytes so far.
+
+    Every rank computes the same plan from the same sizes (the state is
+    replicated), so no plan is sent. Ties go to the lowest rank.
+    """
+    load = [0] * writers
+    plan: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = min(range(writers), key=lambda r: (load[r], r))
+        plan[name] = rank
+        load[rank] += sizes[name]
+    return plan
 
 
 @dataclass(slots=True)
@@ -125,48 +155,42 @@ class HostSnapshot:
         """Host memory held by the buffers."""
         return sum(b.numel() * b.element_size() for b in self._buffers.values())
 
-    def take(self, accelerator: Accelerator, *, safe_serialization: bool = True) -> Snapshot:
-        """Copy what ``accelerator.save_state`` writes for this rank. Training thread, at a step boundary."""
-        snap = Snapshot(save_on_each_node=bool(accelerator.project_configuration.save_on_each_node))
-        shared = _writes_shared_files(accelerator)
-        # File names as in accelerate.checkpointing.save_accelerator_state.
-        if shared:
-            weights = "model.safetensors" if safe_serialization else "pytorch_model.bin"
-            parameters = {p.untyped_storage().data_ptr() for model in accelerator._models for p in model.parameters()}
-            for i, model in enumerate(accelerator._models):
-                name = weights if i == 0 else weights.replace(".", f"_{i}.")
-                state = accelerator.get_state_dict(model, unwrap=False)
+    def take(
+        self,
+        accelerator: Accelerator,
+        *,
+        safe_serialization: bool = True,
+        writes: set[str] | None = None,
+        copy: bool = True,
+    ) -> Snapshot:
+        """What ``accelerator.save_state`` writes for this rank, at a step boundary on the training thread.
 
-                def is_parameter(t: torch.Tensor) -> bool:
-                    return t.untyped_storage().data_ptr() in parameters
-
-                snap.shared.append((name, self._copy(state, f"model{i}", {}, snap, is_parameter), safe_serialization))
-            for i, opt in enumerate(accelerator._optimizers):
-                name = "optimizer.bin" if i == 0 else f"optimizer_{i}.bin"
-                state = self._copy(opt.state_dict(), f"optimizer{i}", {}, snap, lambda t: True)
-                snap.shared.append((name, state, False))
-            if snap.deferred and any(source.is_cuda for _, source, _, _ in snap.deferred):
-                snap.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                snap.ready.record()  # on the current stream, after this step's optimizer kernels
-            for i, scheduler in enumerate(accelerator._schedulers):
-                name = "scheduler.bin" if i == 0 else f"scheduler_{i}.bin"
-                snap.shared.append((name, copy.deepcopy(scheduler.state_dict()), False))
-            for i, obj in enumerate(accelerator._custom_objects):
-                state = self._copy(obj.state_dict(), f"custom{i}", {})
-                snap.shared.append((f"custom_checkpoint_{i}.pkl", state, False))
-        from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
-
+        ``writes``: the shared files (model, optimizer, scheduler, sampler,
+        custom objects) this rank writes (see :func:`plan_writers`); by
+        default accelerate's rule holds (the main process writes them all).
+        ``copy``: copy into host buffers (an asynchronous save); False keeps
+        the live objects, for a save written at once.
+        """
+        snap = Snapshot(
+            save_on_each_node=bool(accelerator.project_configuration.save_on_each_node),
+        )
+        shared = self._shared_files(accelerator, safe_serialization)
+        mine = writes
+        if mine is None:
+            mine = {name for name, *_ in shared} if _writes_shared_files(accelerator) else set()
+        for name, state, safe, key, deferrable in shared:
+            if name in mine:
+                snap.shared.append((name, self._copy(state, key, {}, snap, deferrable) if copy else state, safe))
+        if snap.deferred and any(source.is_cuda for _, source, _, _ in snap.deferred):
+            snap.ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            snap.ready.record()  # on the current stream, after this step's optimizer kernels
         for i, loader in enumerate(accelerator._dataloaders):
-            if shared and isinstance(loader.dataset, IterableDatasetShard):
-                sampler = loader.get_sampler()
-                if isinstance(sampler, SeedableRandomSampler):
-                    name = "sampler.bin" if i == 0 else f"sampler_{i}.bin"
-                    snap.shared.append((name, copy.deepcopy(sampler), False))
             if getattr(loader, "use_stateful_dataloader", False):
                 name = "dl_state_dict.bin" if i == 0 else f"dl_state_dict_{i}.bin"
-                snap.own.append((name, copy.deepcopy(loader.state_dict())))
+                snap.own.append((name, copy_module.deepcopy(loader.state_dict())))
         if accelerator.scaler is not None:
-            snap.own.append(("scaler.pt", self._copy(accelerator.scaler.state_dict(), "scaler", {})))
+            state = accelerator.scaler.state_dict()
+            snap.own.append(("scaler.pt", self._copy(state, "scaler", {}) if copy else state))
         rng: dict[str, Any] = {
             "step": accelerator.step,
             "random_state": random.getstate(),
@@ -177,6 +201,55 @@ class HostSnapshot:
             rng["torch_cuda_manual_seed"] = torch.cuda.get_rng_state_all()
         snap.own.append((f"random_states_{accelerator.process_index}.pkl", rng))
         return snap
+
+    @classmethod
+    def shared_sizes(cls, accelerator: Accelerator, *, safe_serialization: bool = True) -> dict[str, int]:
+        """The tensor bytes of each file one rank writes for all (what a plan of writers is made from)."""
+        return {
+            name: _tensor_bytes(state, set()) for name, state, *_ in cls._shared_files(accelerator, safe_serialization)
+        }
+
+    @staticmethod
+    def _shared_files(
+        accelerator: Accelerator, safe_serialization: bool
+    ) -> list[tuple[str, Any, bool, str, Callable[[torch.Tensor], bool]]]:
+        """(file name, live state, safetensors?, buffer key, deferrable?) of the files one rank writes for all,
+        named as in accelerate.checkpointing.save_accelerator_state."""
+        files: list[tuple[str, Any, bool, str, Callable[[torch.Tensor], bool]]] = []
+        weights = "model.safetensors" if safe_serialization else "pytorch_model.bin"
+        parameters = {p.untyped_storage().data_ptr() for model in accelerator._models for p in model.parameters()}
+
+        def is_parameter(t: torch.Tensor) -> bool:
+            return t.untyped_storage().data_ptr() in parameters
+
+        def never(t: torch.Tensor) -> bool:
+            return False
+
+        def always(t: torch.Tensor) -> bool:
+            return True
+
+        for i, model in enumerate(accelerator._models):
+            name = weights if i == 0 else weights.replace(".", f"_{i}.")
+            files.append(
+                (name, accelerator.get_state_dict(model, unwrap=False), safe_serialization, f"model{i}", is_parameter)
+            )
+        for i, opt in enumerate(accelerator._optimizers):
+            name = "optimizer.bin" if i == 0 else f"optimizer_{i}.bin"
+            files.append((name, opt.state_dict(), False, f"optimizer{i}", always))
+        for i, scheduler in enumerate(accelerator._schedulers):
+            name = "scheduler.bin" if i == 0 else f"scheduler_{i}.bin"
+            files.append((name, copy_module.deepcopy(scheduler.state_dict()), False, f"scheduler{i}", never))
+        for i, obj in enumerate(accelerator._custom_objects):
+            files.append((f"custom_checkpoint_{i}.pkl", obj.state_dict(), False, f"custom{i}", never))
+        from accelerate.data_loader import IterableDatasetShard, SeedableRandomSampler
+
+        for i, loader in enumerate(accelerator._dataloaders):
+            if isinstance(loader.dataset, IterableDatasetShard):
+                sampler = loader.get_sampler()
+                if isinstance(sampler, SeedableRandomSampler):
+                    name = "sampler.bin" if i == 0 else f"sampler_{i}.bin"
+                    files.append((name, copy_module.deepcopy(sampler), False, f"sampler{i}", never))
+        return files
 
     def _copy(
         self,
@@ -212,7 +285,7 @@ class HostSnapshot:
             return [self._copy(v, f"{key}/{i}", memo, snap, deferrable) for i, v in enumerate(obj)]
         if isinstance(obj, tuple):
             return tuple(self._copy(v, f"{key}/{i}", memo, snap, deferrable) for i, v in enumerate(obj))
-        return copy.deepcopy(obj)
+        return copy_module.deepcopy(obj)
 
 
 class WriteJob:
@@ -222,12 +295,17 @@ class WriteJob:
     fsynced). ``seconds`` is the time the thread took.
     """
 
-    def __init__(self, snapshot: Snapshot, staging: Path, *, torch_save_crc32: bool = False) -> None:
+    def __init__(
+        self, snapshot: Snapshot, staging: Path, *, torch_save_crc32: bool = False, digest: bool = True
+    ) -> None:
         self.snapshot = snapshot
+        self.digest = digest
         self.staging = staging
         self.torch_save_crc32 = torch_save_crc32
         self.error: str | None = None
         self.seconds = 0.0
+        self.digests: dict[str, str] = {}
+        """The digest of each file written so far (file name -> ``xxh3_128:...``)."""
         self.copied = threading.Event()
         """Set once the deferred copies are made (or failed): the state may change from then on."""
         self.done = threading.Event()
@@ -255,25 +333,30 @@ class WriteJob:
                 self.snapshot.copy_deferred()
             finally:
                 self.copied.set()
-            written: list[Path] = []
-            with torch_save_crc32(self.torch_save_crc32):  # see plugins/torch_save_crc.py
-                for name, obj, safe in self.snapshot.shared:
-                    path = self.staging / name
-                    save(obj, path, save_on_each_node=self.snapshot.save_on_each_node, safe_serialization=safe)
-                    written.append(path)
-                for name, obj in self.snapshot.own:
-                    torch.save(obj, self.staging / name)
-                    written.append(self.staging / name)
-            for path in written:
-                if path.exists():  # accelerate's save writes shared files on one process only
-                    fd = os.open(path, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+            self.write()
         except Exception as exc:
             self.error = f"{type(exc).__name__}: {exc}"
         finally:
             self.seconds = time.perf_counter() - started
             self.copied.set()
             self.done.set()
+
+    def write(self) -> None:
+        """Write this rank's files, each fsynced and digested as it is written (:attr:`digests`).
+
+        Runs on the writer thread, or on the training thread for a synchronous
+        save (the snapshot then holds the live state). Raises what writing raised.
+        """
+        with torch_save_crc32(self.torch_save_crc32):  # see plugins/saving/torch_save_crc.py
+            files = [(name, obj, safe) for name, obj, safe in self.snapshot.shared]
+            files += [(name, obj, False) for name, obj in self.snapshot.own]
+            for name, obj, safe in files:
+                out = DigestingFile(self.staging / name, digest=self.digest)
+                try:
+                    save(obj, out, safe_serialization=safe)
+                except BaseException:
+                    out.close(fsync=False)
+                    raise
+                out.close()
+                if self.digest:
+                    self.digests[name] = out.digester.value()

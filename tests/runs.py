@@ -1,4 +1,4 @@
-"""Start real training runs (``accelerate launch`` or ``python train.py``) from tests.
+"""Real training runs (``accelerate launch`` or ``python train.py``) and ranks started one by one, from tests.
 
 Every run gets its own free port, its own session and output directory, and
 is killed with its whole process tree (torchrun's workers sit in their own
@@ -11,18 +11,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import resource
 import signal
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from procs import descendants, free_port, process_env, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -40,12 +38,6 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def accelerate_launch(script: Path | str, *args: str, processes: int = 2) -> list[str]:
     """``accelerate launch`` of ``script`` with ``args`` on ``processes`` CPU ranks (``--multi_gpu`` from 2),
     on a free port."""
@@ -61,28 +53,6 @@ def accelerate_launch(script: Path | str, *args: str, processes: int = 2) -> lis
         str(script),
         *args,
     ]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), children first-level order."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    out: list[int] = []
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            out.append(child)
-            stack.append(child)
-    return out
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -130,7 +100,14 @@ class TrainingRun:
 
     # -- process ------------------------------------------------------------
 
-    def start(self) -> TrainingRun:
+    def start(self, command: Sequence[str] | None = None) -> TrainingRun:
+        """Start the run: train.py on this run's config, or ``command``, a whole command line of its own.
+
+        ``command`` is given here, once the run exists, because it usually
+        names this run's ``config_path`` or ``output_dir``.
+        """
+        if command is not None:
+            self.cmd = list(command)
         env = dict(os.environ)
         env.update(
             {
@@ -213,21 +190,24 @@ class TrainingRun:
         return int(rows[-1]["step"]) if rows else 0
 
     def wait_for(
-        self, condition: Callable[[], Any], what: str, timeout: float = DEFAULT_TIMEOUT, allow_exit: bool = False
+        self,
+        condition: Callable[[], Any],
+        what: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        allow_exit: bool = False,
+        interval: float = 0.05,
     ) -> Any:
         """Poll ``condition`` until it returns something truthy; fail with the log if the run dies first."""
-        deadline = time.monotonic() + timeout
-        while True:
+
+        def met() -> Any:
             value = condition()
-            if value:
-                return value
-            if not allow_exit and not self.alive():
+            if not value and not allow_exit and not self.alive():
                 raise AssertionError(
                     f"run exited ({self.proc and self.proc.returncode}) while waiting for {what}\n{self.log_tail()}"
                 )
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{self.log_tail()}")
-            time.sleep(0.05)
+            return value
+
+        return wait_for(met, what, timeout, interval=interval, details=self.log_tail)
 
     def wait_for_step(self, step: int, timeout: float = DEFAULT_TIMEOUT) -> int:
         return int(self.wait_for(lambda: self.last_step() >= step and self.last_step(), f"step {step}", timeout))
@@ -247,28 +227,6 @@ class TrainingRun:
         return dict(self.wait_for(lambda: len(self.rank_pids()) >= want and self.rank_pids(), f"{want} ranks", timeout))
 
 
-def process_env(pid: int) -> dict[str, str]:
-    """The environment a process started with (empty if it is gone)."""
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    pairs = (item.split(b"=", 1) for item in raw.split(b"\0") if b"=" in item)
-    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
-
-
-def limit_file_size(pid: int, nbytes: int | None) -> None:
-    """Set the soft ``RLIMIT_FSIZE`` of a running process; ``None`` lifts it again.
-
-    A real "file too large" failure: the process's writes past ``nbytes`` fail
-    with EFBIG (Python ignores SIGXFSZ, which would otherwise kill it). Only
-    the soft limit changes, so lifting it needs no privilege.
-    """
-    _, hard = resource.prlimit(pid, resource.RLIMIT_FSIZE)
-    soft = hard if nbytes is None else nbytes
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (soft, hard))
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -280,48 +238,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
             with contextlib.suppress(json.JSONDecodeError):  # a line being written
                 rows.append(json.loads(line))
     return rows
-
-
-# -- helpers for the socket and CLI tests ----------------------------------------
-
-
-def fd_count(pid: int) -> int:
-    """Open file descriptors of process ``pid``."""
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def thread_count(pid: int) -> int:
-    """Threads of process ``pid``."""
-    return len(os.listdir(f"/proc/{pid}/task"))
-
-
-def raw_exchange(path: str | os.PathLike[str], data: bytes, *, end_input: bool = True, timeout: float = 30.0) -> bytes:
-    """Send ``data`` to the UNIX socket at ``path`` and return everything it answers until it closes.
-
-    ``end_input`` shuts down our sending side after ``data`` (the server sees
-    end of input). A connection reset counts as the end of the answer.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(os.fspath(path))
-        with contextlib.suppress(OSError):  # the server may answer and close before reading it all
-            sock.sendall(data)
-            if end_input:
-                sock.shutdown(socket.SHUT_WR)
-        received = b""
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                return received
-            if not chunk:
-                return received
-            received += chunk
-
-
-def reply_lines(answer: bytes) -> list[dict[str, Any]]:
-    """The JSON lines of a socket answer."""
-    return [json.loads(line) for line in answer.splitlines() if line.strip()]
 
 
 # -- ranks started one by one, without a launcher --------------------------------------
@@ -388,13 +304,14 @@ def run_ranks(
                         command, cwd=REPO, env=rank_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
                     )
                 )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+
+        def all_exited() -> bool:
             # Poll every rank each time (any() would stop at the first one running and leave zombies).
             running = [p.poll() is None for r, p in enumerate(procs) if r not in unreaped]
-            if not any(running) and all(p.poll() is not None for p in procs):
-                break
-            time.sleep(0.02)
+            return not any(running) and all(p.poll() is not None for p in procs)
+
+        with contextlib.suppress(AssertionError):  # the deadline passed: the ranks still running are killed below
+            wait_for(all_exited, "every rank to exit", timeout, interval=0.02)
     finally:
         for p in procs:
             if p.poll() is None:

@@ -1,0 +1,201 @@
+"""One run per ``output_dir``: a lock taken when a run starts and released when it ends.
+
+Two runs writing into one ``output_dir`` would interleave checkpoints,
+rotate each other's, remove each other's staging directories as leftovers
+and append to the same ``metrics.jsonl``. So a run takes
+``<output_dir>/ckptbus.lock`` before it touches anything there, and a second
+run is refused with the holder's host, pid and start time.
+
+Why ``fcntl`` record locks (``lockf``) on a file that is never deleted:
+
+- the kernel drops the lock when its process dies, SIGKILL included, so a
+  dead holder never blocks the next run (no stale-pid guessing);
+- they are the locks NFS carries between machines (NLM for v3, part of the
+  protocol for v4), where ``flock`` may be local to each machine;
+- the file is never removed: removing a lock file lets a process that opened
+  the old one and one that creates a new one both "hold" the lock.
+
+POSIX record locks belong to a process, and closing *any* descriptor of the
+file in that process drops them. So the holder never opens the file a second
+time: it writes the holder line through the descriptor it locked, and
+:func:`holder_of` answers from memory for a directory this process holds.
+Within one process, a second lock on the same directory is refused too
+(fcntl would grant it: the locks of one process never conflict).
+
+Imports no torch: the CLI can name a directory's holder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import weakref
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Final
+
+from ._errors import SetupError
+
+logger = logging.getLogger("ckptbus")
+
+LOCK_NAME: Final = "ckptbus.lock"
+
+_HELD_ELSEWHERE = (errno.EACCES, errno.EAGAIN)
+_NO_LOCKS_HERE = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Who holds an ``output_dir``: what the lock file says."""
+
+    host: str
+    pid: int
+    started: str
+    """UTC, ISO 8601."""
+    command: str
+
+    @classmethod
+    def me(cls) -> Holder:
+        return cls(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            command=" ".join(sys.argv)[:300],
+        )
+
+    @classmethod
+    def parse(cls, text: str) -> Holder | None:
+        """The holder written in ``text``, or None (empty: being written, or released)."""
+        try:
+            data = json.loads(text)
+            return cls(str(data["host"]), int(data["pid"]), str(data["started"]), str(data.get("command", "")))
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def describe(self) -> str:
+        command = f", command: {self.command}" if self.command else ""
+        return f"pid {self.pid} on host {self.host}, running since {self.started}{command}"
+
+
+class OutputDirLock:
+    """This process's hold on one ``output_dir``. Take it with :func:`acquire`; :meth:`release` it at the end."""
+
+    def __init__(self, directory: Path, fd: int, holder: Holder, *, exclusive: bool) -> None:
+        self.directory = directory
+        self.holder = holder
+        self.exclusive = exclusive
+        """False where the filesystem refused to lock (a second run would not be kept out)."""
+        self._fd: int | None = fd
+        # A lock dropped without release() (a start-up that failed half way) still closes its descriptor.
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def release(self) -> None:
+        """Give the directory up: blank the holder line, close the descriptor (which drops the lock). Safe twice."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        with _registry_lock:
+            if _held.get(self.directory) is self:
+                del _held[self.directory]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)  # still locked here, so no newer holder's line is erased
+        self._finalizer()  # os.close(fd)
+
+
+_registry_lock = threading.Lock()
+_held: weakref.WeakValueDictionary[Path, OutputDirLock] = weakref.WeakValueDictionary()
+
+
+def acquire(output_dir: str | os.PathLike[str]) -> OutputDirLock:
+    """Make this process the only run using ``output_dir`` (which must exist) until :meth:`~OutputDirLock.release`.
+
+    Raises :class:`~ckptbus.SetupError` naming the holder when another
+    process, here or on another machine sharing the directory, holds it, or
+    when this process holds it already. On a filesystem without working
+    locks the run goes on with a warning (the lock is then not exclusive).
+    """
+    directory = Path(os.path.realpath(output_dir))
+    with _registry_lock:
+        mine = _held.get(directory)
+        if mine is not None and mine.held:
+            raise SetupError(
+                f"output_dir {str(directory)!r} is already in use by another run in this process "
+                f"({mine.holder.describe()}): close() it before starting another on the same output_dir"
+            )
+        lock = _take(directory)
+        _held[directory] = lock
+        return lock
+
+
+def _take(directory: Path) -> OutputDirLock:
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    exclusive = True
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in _HELD_ELSEWHERE:
+            os.close(fd)
+            raise _in_use(directory, path) from None
+        if exc.errno not in _NO_LOCKS_HERE:
+            os.close(fd)
+            raise
+        exclusive = False
+        logger.warning(
+            "ckptbus: the filesystem of %s does not support file locks (%s): a second run on this output_dir "
+            "would not be refused; make sure only one run uses it",
+            directory,
+            exc.strerror,
+        )
+    holder = Holder.me()
+    _write_holder(fd, holder)
+    return OutputDirLock(directory, fd, holder, exclusive=exclusive)
+
+
+def _write_holder(fd: int, holder: Holder) -> None:
+    line = (json.dumps(asdict(holder), sort_keys=True) + "\n").encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, line, 0)
+    # Other machines read it to name the holder: make it reach a shared filesystem's server now.
+    os.fsync(fd)
+
+
+def _in_use(directory: Path, path: Path) -> SetupError:
+    holder = holder_of(directory)
+    who = holder.describe() if holder is not None else "a process that has not written its name yet"
+    return SetupError(
+        f"output_dir {str(directory)!r} is in use by another run ({who}): two runs in one output_dir would mix "
+        "their checkpoints and metrics. Wait for that run to end or stop it, or give this run another output_dir. "
+        f"(The lock is {path}; a run that died holds nothing, so if that process is gone on its host, the "
+        "filesystem's lock service has not noticed yet: on NFS that can take until its lease expires.)"
+    )
+
+
+def holder_of(output_dir: str | os.PathLike[str]) -> Holder | None:
+    """Who holds ``output_dir`` now according to its lock file, or None. Does not say whether the lock is held:
+    a holder that ended cleanly blanks the line, one that was killed leaves it."""
+    directory = Path(os.path.realpath(output_dir))
+    with _registry_lock:
+        mine = _held.get(directory)
+        if mine is not None and mine.held:
+            return mine.holder  # opening the file here would drop this process's lock
+    try:
+        text = (directory / LOCK_NAME).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    return Holder.parse(text)
+
+
+__all__ = ["LOCK_NAME", "Holder", "OutputDirLock", "acquire", "holder_of"]

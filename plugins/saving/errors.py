@@ -1,0 +1,161 @@
+"""What a failed write means, in words a user acts on; and one file mode for every file of a checkpoint.
+
+:func:`describe_write_error`: torch's zip writer reports a full disk as
+``unexpected pos 576 vs 534`` or ``file write failed`` (its ``errno`` is lost
+in C++), safetensors as ``I/O error: No space left on device (os error 28)``
+inside its own error type. A save that failed for lack of room is named as
+such, with the path, the bytes free on that filesystem and, where known, the
+bytes the save needed; the same for a file-size limit (EFBIG) and a quota
+(EDQUOT).
+
+:func:`apply_umask_modes`: the writers of one checkpoint create files in
+different ways (``torch.save``, safetensors, a temporary file renamed into
+place, which ``tempfile`` creates with mode 0600), so a teammate could read
+the optimizer state but not the weights. Every file gets ``0666 & ~umask``
+and every folder ``0777 & ~umask``, as ``open()`` and ``mkdir`` would give.
+
+Standard library only (no torch): both work on paths and exceptions.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import resource
+from pathlib import Path
+
+_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# How torch's and safetensors' writers spell what they hide: the zip writer's position check, its write failure,
+# and safetensors' "(os error N)" from Rust.
+_TORCH_WRITE_FAILED = re.compile(r"unexpected pos \d+ vs \d+|file write failed|PytorchStreamWriter failed")
+_OS_ERROR_IN_TEXT = re.compile(r"\(os error (\d+)\)")
+_LOW_SPACE = 1 << 20
+"""Below this many bytes free, a write that failed without an errno is taken for a full disk."""
+
+
+def describe_write_error(exc: BaseException, path: str | os.PathLike[str], needed: int | None = None) -> str | None:
+    """A message naming a full disk, a quota or a file-size limit behind ``exc`` (raised writing ``path``), or None.
+
+    ``needed``: bytes the save was writing, if known (it goes into the
+    message). None means ``exc`` is not about room: report it as it is.
+    Reads the free space of ``path``'s filesystem (its nearest existing
+    folder: the staging folder may be gone already) and this process's file
+    size limit; never raises.
+    """
+    code = _errno_of(exc)
+    if code is None and _TORCH_WRITE_FAILED.search(str(exc)):
+        code = _guess_errno(Path(path), needed)
+    if code not in _SPACE:
+        return None
+    return _describe(code, Path(path), needed, exc)
+
+
+def apply_umask_modes(directory: str | os.PathLike[str]) -> None:
+    """Give every file under ``directory`` mode ``0666 & ~umask`` and every folder ``0777 & ~umask``.
+
+    Call before the files are fsynced (the committer, before the manifest is
+    written), so the modes are part of what is made durable. Symbolic links
+    are left alone. Raises :class:`OSError` if a mode cannot be changed.
+    """
+    mask = current_umask()
+    root = Path(directory)
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+        for name in dirnames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~mask)
+
+
+def current_umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` would, for every thread, for an instant)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # no /proc (not Linux): the only other way to read it
+    os.umask(mask)
+    return mask
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno of ``exc`` or of an exception it was raised from; or the "(os error N)" in its text."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    match = _OS_ERROR_IN_TEXT.search(str(exc))
+    return int(match.group(1)) if match else None
+
+
+def _guess_errno(path: Path, needed: int | None) -> int | None:
+    """For a write that failed without an errno: EFBIG if the file reached this process's size limit, ENOSPC if
+    the filesystem has (almost) no room left, else None (a quota cannot be told apart from other failures)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY and _size(path) >= soft:
+        return errno.EFBIG
+    free = free_bytes(path)
+    if free is not None and (free < _LOW_SPACE or (needed is not None and free < needed)):
+        return errno.ENOSPC
+    return None
+
+
+def _describe(code: int, path: Path, needed: int | None, exc: BaseException) -> str:
+    what = {
+        errno.ENOSPC: "No space left on device",
+        errno.EDQUOT: "Disk quota exceeded",
+        errno.EFBIG: "File too large",
+    }[code]
+    free = free_bytes(path)
+    facts = [f"{_human(free)} free on its filesystem" if free is not None else "free space unknown"]
+    if needed is not None:
+        facts.append(f"the save needed {_human(needed)}")
+    if code == errno.EFBIG:
+        soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+        if soft != resource.RLIM_INFINITY:
+            facts.append(f"this process may write files of at most {_human(soft)} (ulimit -f)")
+    advice = {
+        errno.ENOSPC: "free space there (older checkpoints: save_total_limit) or use another output_dir",
+        errno.EDQUOT: "raise the quota or free space in it (older checkpoints: save_total_limit)",
+        errno.EFBIG: "raise the file size limit (ulimit -f) or use a filesystem that allows larger files",
+    }[code]
+    return f"{what} writing {path} ({', '.join(facts)}): {advice}. The writer said: {type(exc).__name__}: {exc}"
+
+
+def free_bytes(path: str | os.PathLike[str]) -> int | None:
+    """Bytes an unprivileged process may still write on the filesystem of ``path`` (or its nearest existing
+    folder); None if none can be found."""
+    probe = Path(path)
+    for candidate in (probe, *probe.parents):
+        try:
+            stat = os.statvfs(candidate)
+        except OSError:
+            continue
+        return stat.f_bavail * stat.f_frsize
+    return None
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _human(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit} ({n} bytes)"
+    return f"{n} bytes"
+
+
+__all__ = ["apply_umask_modes", "current_umask", "describe_write_error", "free_bytes"]

@@ -1,0 +1,199 @@
+"""Launcher watch: ranks never outlive the process that launched them.
+
+Under ``accelerate launch`` and ``torchrun`` the ranks are children of the
+launcher (torchrun's elastic agent) and sit in process groups of their own.
+When the launcher dies without shutting them down (SIGKILL, a crash,
+``scancel --signal=USR1 --batch`` killing it by SIGUSR1's default action, an
+out-of-memory kill), nobody stops the ranks: they are adopted by init and go
+on training outside the job, and nothing saves what they learned.
+
+At every optimizer-step boundary :meth:`LauncherWatch.poll` compares
+``os.getppid()`` with the parent seen at :meth:`LauncherWatch.start`. Once it
+changed, it publishes one ``SaveRequested(kind, reason="launcher",
+exit_after=True)`` and logs one warning. With signals on (the default) the
+ranks vote at every step, so every rank saves the same step within a step or
+two of the first rank that noticed, and stops; with signals off they vote
+every ``check_interval`` steps, and the save comes at the next of those. The
+watch does not make the ranks vote at every step by itself (it is not
+``urgent``): that would move where requests of other sources land in runs
+that turned signals off. A run that is already stopping (a request
+to save and exit was seen on this rank) is left to finish as it was asked.
+
+Only a rank that was started by a launcher is watched: one of several ranks,
+or a process started by torchrun's agent or by ``accelerate launch`` (they set
+:data:`LAUNCHER_ENV`). ``python train.py`` alone is not: its parent is a shell,
+and a shell that exits under ``nohup`` must not stop the run. The launcher
+must be the rank's parent: a wrapper script between them should ``exec``.
+
+When the launcher is gone, the rank's stdout and stderr may be pipes that
+nobody reads any more (``accelerate launch ... | tee log`` killed as a
+whole). Python ignores SIGPIPE, so the next ``print`` or progress-bar update
+would raise ``BrokenPipeError`` in whatever code writes and end the rank
+before it saves. Such pipes are pointed at ``/dev/null`` when the launcher is
+found gone; output that had a reader keeps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import stat
+import time
+from collections.abc import Mapping
+from typing import Final
+
+from ckptbus import Bus, SaveCompleted, SaveFailed, SaveKind, SaveRequested, SaveStarted
+from ckptbus._events import SAVE_KINDS
+from ckptbus._source import RunInfo
+
+logger = logging.getLogger("ckptbus")
+
+LAUNCHER_ENV: Final = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
+"""Set for every process it starts by torchrun's agent (``accelerate launch`` with several processes,
+``torchrun``) and by ``accelerate launch`` with one process."""
+
+_STDIO: Final = (1, 2)
+
+
+def launched(run: RunInfo, environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether a launcher started this rank: the run has several ranks, or a known launcher's variable is set."""
+    return run.world_size > 1 or any(name in environ for name in LAUNCHER_ENV)
+
+
+class LauncherWatch:
+    """Asks every rank to save and stop once this rank's launcher is gone. See the module docstring.
+
+    ``kind`` is what is saved: ``full`` (resumable, the default) or
+    ``weights``. Raises ``ValueError`` for another kind.
+    """
+
+    reason: Final = "launcher"
+    urgent: Final = False
+    """Answered at the next vote: every step with signals on (the default), else every ``check_interval`` steps."""
+
+    def __init__(self, kind: SaveKind = "full") -> None:
+        if kind not in SAVE_KINDS:
+            raise ValueError(f"kind must be one of {SAVE_KINDS}, got {kind!r}")
+        self.kind: SaveKind = kind
+        self._bus: Bus | None = None
+        self._parent: int | None = None  # the launcher's pid; None: nothing is watched
+        self._stopping = False  # a request to save and stop was seen: the run ends anyway
+        self._noticed_at: float | None = None  # wall time the launcher was found gone
+        self._request_id: str | None = None
+
+    @property
+    def watching(self) -> bool:
+        """Whether this rank's launcher is being watched (started, launched by a launcher, not yet gone)."""
+        return self._parent is not None and self._noticed_at is None
+
+    @property
+    def launcher_gone(self) -> bool:
+        """Whether this rank found its launcher gone."""
+        return self._noticed_at is not None
+
+    # -- TriggerSource -------------------------------------------------------
+
+    def start(self, bus: Bus, run: RunInfo) -> None:
+        if self._bus is not None:
+            return  # started already
+        self._bus = bus
+        if not launched(run):
+            logger.debug("ckptbus: no launcher started this process; its parent (pid %d) is not watched", os.getppid())
+            return
+        self._parent = os.getppid()
+        for name in ("save_requested", "save_started"):
+            bus.subscribe(name, self._note_stop)
+        for name in ("save_completed", "save_failed"):
+            bus.subscribe(name, self._on_save_done)
+
+    def poll(self, step: int) -> None:
+        if not self.watching or os.getppid() == self._parent:
+            return
+        self._noticed_at = time.time()
+        replaced = _quiet_broken_stdio()  # before logging: the warning itself may go to a broken pipe
+        if self._stopping:
+            logger.warning(
+                "ckptbus: the launcher of this rank (pid %s) is gone; the run is already saving and stopping as "
+                "it was asked",
+                self._parent,
+            )
+            return
+        request = SaveRequested(kind=self.kind, reason=self.reason, exit_after=True, requested_at=self._noticed_at)
+        self._request_id = request.request_id
+        logger.warning(
+            "ckptbus: the launcher of this rank (pid %s) is gone (the parent is now pid %d); every rank saves a %s "
+            "checkpoint at step %d or %d and stops%s",
+            self._parent,
+            os.getppid(),
+            self.kind,
+            step,
+            step + 1,  # step + 1 where the vote of this step is read at the next one (Coordinator docs)
+            f" (nothing reads its {' and '.join(replaced)} any more: sent to {os.devnull})" if replaced else "",
+        )
+        assert self._bus is not None
+        self._bus.publish(request)
+
+    def close(self) -> None:
+        bus, self._bus = self._bus, None
+        if bus is None or self._parent is None:
+            return
+        for name in ("save_requested", "save_started"):
+            bus.unsubscribe(name, self._note_stop)
+        for name in ("save_completed", "save_failed"):
+            bus.unsubscribe(name, self._on_save_done)
+
+    # -- receivers (any thread: they only set attributes or log) ---------------
+
+    def _note_stop(self, event: SaveRequested | SaveStarted) -> None:
+        if event.exit_after and not (isinstance(event, SaveRequested) and event.request_id == self._request_id):
+            self._stopping = True
+
+    def _on_save_done(self, event: SaveCompleted | SaveFailed) -> None:
+        if self._request_id is None or self._request_id not in event.request_ids or self._noticed_at is None:
+            return
+        after = time.time() - self._noticed_at
+        if isinstance(event, SaveCompleted):
+            logger.info(
+                "ckptbus: launcher gone: %s checkpoint %s complete %.2f s after this rank noticed "
+                "(writing took %.2f s)",
+                event.kind,
+                event.path,
+                after,
+                event.seconds,
+            )
+        else:
+            logger.warning(
+                "ckptbus: launcher gone: the checkpoint at step %d failed %.2f s after this rank noticed: %s",
+                event.step,
+                after,
+                event.error,
+            )
+
+
+def _quiet_broken_stdio() -> list[str]:
+    """Point stdout and stderr at /dev/null where they are pipes or sockets nobody reads; the names of those."""
+    replaced = []
+    for fd in _STDIO:
+        if _reader_gone(fd):
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
+            replaced.append("stdout" if fd == 1 else "stderr")
+    return replaced
+
+
+def _reader_gone(fd: int) -> bool:
+    """Whether ``fd`` is a pipe or socket whose other end is closed (a write would fail with EPIPE)."""
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:
+        return False  # closed: nothing writes there
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return False  # a file or a terminal: writes still work (a hung-up terminal gives EIO, which tqdm handles)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    # Linux reports POLLERR on the write end of a pipe without readers, POLLHUP on a socket whose peer is gone.
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))

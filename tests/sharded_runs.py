@@ -1,0 +1,197 @@
+"""DeepSpeed and FSDP runs of train.py on 2 CPU ranks, and one scenario that every such engine must pass.
+
+train.py runs unchanged under ``accelerate launch`` with the engine's own
+launcher options, through tests/scripts/cpu_ranks.py (the settings DeepSpeed
+needs on CPU; for FSDP the test-only shim of tests/fsdp_cpu_shim.py).
+
+The scenario (:func:`on_demand_then_exact_resume`), as a user would do it:
+
+1. the trigger file, then ``ckptbus request``: two full checkpoints, in the
+   engine's own layout, each loadable with ``accelerator.load_state``;
+2. Ctrl+C (SIGINT to the launcher's process group): every rank stops at one
+   step K and a weights checkpoint of step K is written;
+3. a second run resumes from the request's checkpoint and trains to K with
+   a scheduled full save at K. Its losses must equal the first run's bit for
+   bit (the first run went on uninterrupted after that checkpoint), and the
+   Ctrl+C weights must equal the weights of its step-K checkpoint,
+   consolidated with the engine's own tool (DeepSpeed's ``zero_to_fp32``,
+   torch's ``dcp_to_torch_save``), and load with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from procs import free_port
+from runs import BIN, REPO, TrainingRun
+
+from ckptbus import list_checkpoints, read_checkpoint
+
+CPU_RANKS = Path(__file__).parent / "scripts" / "cpu_ranks.py"
+TRIGGER = "axolotl_checkpoint.save"
+ASYNC_FALLBACK = "full saves stay synchronous"
+
+# 64 sequences of 4 per rank: 8 optimizer steps an epoch, so the resumed stretch crosses epochs.
+CONFIG: dict[str, Any] = {
+    "dataset_size": 64,
+    "micro_batch_size": 4,
+    "sequence_len": 16,
+    # async_save is asked for, and must fall back (with one warning, from the main process).
+    "dynamic_checkpoint": {"enabled": True, "check_interval": 5, "async_save": True},
+}
+
+Start = Callable[..., TrainingRun]
+
+
+@dataclass(frozen=True)
+class Engine:
+    """How to launch train.py under one engine, and how to read back the weights of its full checkpoints."""
+
+    name: str
+    launcher_args: tuple[str, ...]
+    cpu_ranks: str
+    """The argument of tests/scripts/cpu_ranks.py: ``deepspeed`` or ``fsdp``."""
+    full_files: tuple[str, ...]
+    """Paths, relative to a full checkpoint, that its layout must have."""
+    consolidate: Callable[[Path, Path], dict[str, torch.Tensor]]
+    """(full checkpoint, scratch dir) → the model's whole state dict, keyed as the transformers model's."""
+    env: dict[str, str] = field(default_factory=dict)
+
+    def command(self, run: TrainingRun, *train_args: str) -> list[str]:
+        return [
+            str(BIN / "accelerate"),
+            "launch",
+            *self.launcher_args,
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(free_port()),
+            str(CPU_RANKS),
+            self.cpu_ranks,
+            str(REPO / "train.py"),
+            "--config",
+            str(run.config_path),
+            *train_args,
+        ]
+
+
+# -- reading the weights of a full checkpoint back, with each engine's own tool ------------------------------
+
+
+def _without_prefix(state: dict[str, Any], prefix: str) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def deepspeed_weights(checkpoint: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    """DeepSpeed's own consolidation of the fp32 weights (what the ``zero_to_fp32.py`` beside them does)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="pytorch_model"))
+
+
+def fsdp_sharded_weights(checkpoint: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    """torch.distributed.checkpoint's own conversion of the ``.distcp`` shards into one torch.save file."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    merged = scratch / f"{checkpoint.name}-merged.pt"
+    dcp_to_torch_save(checkpoint / "pytorch_model_fsdp_0", merged)
+    state = torch.load(merged, weights_only=True)
+    return _without_prefix(state.get("model", state), "")
+
+
+def fsdp_full_weights(checkpoint: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    return _without_prefix(torch.load(checkpoint / "pytorch_model_fsdp.bin", weights_only=True), "")
+
+
+# -- the scenario ----------------------------------------------------------------------------------------
+
+
+def request_checkpoint(out: Path, run: TrainingRun) -> Path:
+    """``ckptbus request``: waits for the checkpoint and prints its path."""
+    reply = subprocess.run(
+        [str(BIN / "ckptbus"), "request", "--output-dir", str(out), "--label", "sharded", "--timeout", "150"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert reply.returncode == 0, reply.stderr + run.log_tail()
+    return Path(reply.stdout.strip())
+
+
+def assert_same_weights(saved: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    """Every tensor of the weights checkpoint equals the reference's, bit for bit; none is missing but a tied one."""
+    missing = set(reference) - set(saved)
+    assert missing <= {"lm_head.weight"}, f"not in the weights checkpoint: {sorted(missing)}"  # tied to wte
+    assert set(saved) <= set(reference), f"not in the reference: {sorted(set(saved) - set(reference))}"
+    different = [k for k in saved if not torch.equal(saved[k], reference[k].to(saved[k].dtype))]
+    assert not different, f"weights differ from the consolidated full checkpoint: {different}"
+
+
+def on_demand_then_exact_resume(start: Start, engine: Engine, tmp_path: Path) -> tuple[TrainingRun, TrainingRun]:
+    """The scenario of the module docstring; returns the two runs for engine-specific checks."""
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    run = start(engine, config=CONFIG, name="first")
+    out = run.output_dir
+    run.wait_for_step(3, timeout=240)
+
+    (out / TRIGGER).touch()
+    by_file = run.wait_for(lambda: list_checkpoints(out), "the file-triggered checkpoint", timeout=120)[0]
+    assert (by_file.manifest.kind, by_file.manifest.reason, by_file.manifest.world_size) == ("full", "file", 2)
+    assert not (out / TRIGGER).exists()
+
+    by_socket = read_checkpoint(request_checkpoint(out, run))
+    assert (by_socket.manifest.kind, by_socket.manifest.reason, by_socket.manifest.labels) == (
+        "full",
+        "socket",
+        ["sharded"],
+    )
+    assert by_socket.step > by_file.step
+    for info in (by_file, by_socket):
+        missing = [name for name in engine.full_files if not (info.path / name).exists()]
+        assert not missing, f"{info.path} lacks {missing}: {sorted(p.name for p in info.path.iterdir())}"
+
+    os.killpg(run.pid, signal.SIGINT)  # a terminal's Ctrl+C
+    assert run.wait_exit(timeout=120) == 1, run.log_tail()  # torchrun re-raises the signal it got
+    by_signal = list_checkpoints(out)[-1]
+    assert (by_signal.manifest.kind, by_signal.manifest.reason) == ("weights", "signal:SIGINT"), run.log_tail()
+    assert by_signal.step == run.last_step()
+    log = run.log()
+    assert "exiting with status 130" in log, run.log_tail()
+    assert log.count(ASYNC_FALLBACK) == 1, [line for line in log.splitlines() if ASYNC_FALLBACK in line]
+
+    # The second run: from the request's checkpoint to the Ctrl+C's step, with a full save there.
+    resumed = start(
+        engine,
+        config={
+            **CONFIG,
+            "max_steps": by_signal.step,
+            "save_steps": by_signal.step,
+            "output_dir": str(tmp_path / "resumed"),
+            "dynamic_checkpoint": {"enabled": False},
+        },
+        train_args=("--resume-from-checkpoint", str(by_socket.path)),
+        name="resumed",
+    )
+    assert resumed.wait_exit(timeout=240) == 0, resumed.log_tail()
+    first = {r["step"]: r["loss"] for r in run.metrics()}
+    again = {r["step"]: r["loss"] for r in resumed.metrics()}
+    assert sorted(again) == list(range(by_socket.step + 1, by_signal.step + 1)), sorted(again)
+    different = {s: (first[s], again[s]) for s in again if again[s] != first[s]}
+    assert not different, f"losses differ after resuming (step: (uninterrupted, resumed)): {different}"
+
+    (reference_ckpt,) = list_checkpoints(resumed.output_dir)
+    assert reference_ckpt.step == by_signal.step
+    reference = engine.consolidate(reference_ckpt.path, tmp_path)
+    assert_same_weights(load_file(by_signal.path / "model.safetensors"), reference)
+    model = GPT2LMHeadModel.from_pretrained(by_signal.path)
+    assert torch.equal(model.transformer.wte.weight, reference["transformer.wte.weight"])
+    return run, resumed

@@ -1,0 +1,188 @@
+"""One run per output_dir: the lock (ckptbus/_lock.py), in real processes, and a second real training run refused.
+
+Holders are real processes (a child that takes the lock and waits), killed
+for real with SIGKILL; the lock is the kernel's fcntl lock. What cannot run
+here: a second machine on a shared filesystem (NFS carries the same fcntl
+locks; not tested).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from procs import wait_for
+from runs import REPO, TrainingRun
+
+from ckptbus import CheckpointConfig, SetupError
+from ckptbus._lock import LOCK_NAME, Holder, acquire, holder_of
+
+HOLDER = """
+import sys
+from ckptbus._lock import acquire
+lock = acquire(sys.argv[1])
+print("held", flush=True)
+sys.stdin.read()          # until the test closes our stdin (or kills us)
+lock.release()
+print("released", flush=True)
+"""
+
+
+@contextlib.contextmanager
+def holder(directory: Path) -> Iterator[subprocess.Popen[str]]:
+    """A child process holding ``directory``'s lock until the block ends (or the test kills it)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "held", child.stderr.read() if child.stderr else ""
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.communicate(timeout=30)
+
+
+def test_a_second_process_is_refused_with_the_holders_host_pid_and_start(tmp_path: Path) -> None:
+    with holder(tmp_path) as child:
+        with pytest.raises(SetupError) as refused:
+            acquire(tmp_path)
+        message = str(refused.value)
+        assert f"output_dir '{tmp_path}' is in use by another run" in message
+        assert f"pid {child.pid} on host {socket.gethostname()}, running since 20" in message
+        assert "Wait for that run to end or stop it, or give this run another output_dir" in message
+        found = holder_of(tmp_path)
+        assert found is not None and found.pid == child.pid
+
+
+def test_a_holder_killed_with_sigkill_blocks_nobody(tmp_path: Path) -> None:
+    with holder(tmp_path) as child:
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(timeout=30)
+        stale = holder_of(tmp_path)
+        assert stale is not None and stale.pid == child.pid, "the dead holder's line is still in the file"
+        lock = acquire(tmp_path)  # the kernel dropped the lock with the process
+        try:
+            assert lock.exclusive and holder_of(tmp_path) == lock.holder
+            assert lock.holder.pid == os.getpid()
+        finally:
+            lock.release()
+
+
+def test_release_frees_the_directory_and_blanks_the_holder(tmp_path: Path) -> None:
+    with holder(tmp_path) as child:
+        assert child.stdin is not None
+        child.stdin.close()
+        assert child.stdout is not None and child.stdout.readline().strip() == "released"
+        child.wait(timeout=30)
+    assert (tmp_path / LOCK_NAME).read_text() == "", "a clean exit leaves no holder named"
+    assert holder_of(tmp_path) is None
+    lock = acquire(tmp_path)
+    lock.release()
+    lock.release()  # twice is fine
+
+
+def test_the_same_directory_twice_in_one_process_is_refused(tmp_path: Path) -> None:
+    lock = acquire(tmp_path)
+    try:
+        # fcntl would grant it (one process's locks never conflict): refused by the process's own record.
+        with pytest.raises(SetupError, match="already in use by another run in this process"):
+            acquire(tmp_path / ".." / tmp_path.name)
+        # Asking who holds it must not open the file here: closing any descriptor would drop the lock.
+        assert holder_of(tmp_path) == lock.holder
+        refused = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from ckptbus._lock import acquire; acquire(sys.argv[1])",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=60,
+        )
+        assert refused.returncode != 0 and f"pid {os.getpid()}" in refused.stderr, refused.stderr
+    finally:
+        lock.release()
+    acquire(tmp_path).release()
+
+
+def test_holder_line_round_trips() -> None:
+    me = Holder.me()
+    assert Holder.parse(json.dumps({"host": me.host, "pid": me.pid, "started": me.started})) == Holder(
+        me.host, me.pid, me.started, ""
+    )
+    assert Holder.parse("") is None and Holder.parse("{}") is None and Holder.parse("[1]") is None
+
+
+def test_the_runtime_takes_the_lock_at_start_and_releases_it_at_shutdown(tmp_path: Path) -> None:
+    import torch
+    from ckptbus.plugins.distributed import TorchExchange
+    from ckptbus.plugins.runtime import Runtime
+
+    def started() -> Runtime:
+        runtime = Runtime(CheckpointConfig(output_dir=str(tmp_path)))
+        runtime.start(TorchExchange.of(1, torch.device("cpu")), rank=0, local_rank=0, save_on_each_node=False)
+        return runtime
+
+    first = started()
+    with pytest.raises(SetupError, match="is in use by another run"):
+        started()
+    first.shutdown("training ended")
+    second = started()
+    second.shutdown("training ended")
+
+
+# -- real runs ------------------------------------------------------------------------------------
+
+Launch = Callable[..., TrainingRun]
+
+
+@pytest.mark.slow
+def test_a_second_training_run_on_a_live_output_dir_is_refused_and_the_first_goes_on(
+    launch: Launch, tmp_path: Path
+) -> None:
+    first = launch(processes=2, config={"dynamic_checkpoint": {"enabled": True}}, name="first")
+    ranks = first.wait_for_ranks()
+    first.wait_for_step(3)
+    second = launch(
+        processes=1,
+        launcher="python",
+        config={"output_dir": str(first.output_dir), "max_steps": 5, "dynamic_checkpoint": {"enabled": True}},
+        name="second",
+    )
+    assert second.wait_exit(timeout=180) == 2, second.log_tail()
+    log = second.log()
+    assert f"is in use by another run (pid {ranks[0]} on host {socket.gethostname()}, running since" in log, log
+    assert "Traceback" not in log
+    # The first run is untouched: it trains on, alone in its metrics.
+    at_refusal = first.last_step()
+    first.wait_for_step(at_refusal + 5)
+    steps = [row["step"] for row in first.metrics()]
+    assert steps == list(range(1, len(steps) + 1)), "only the first run wrote metrics"
+
+    # Killed outright, the first run holds nothing: the next run starts.
+    first.kill()
+    third = launch(
+        processes=1,
+        launcher="python",
+        config={"output_dir": str(first.output_dir), "max_steps": 2, "dynamic_checkpoint": {"enabled": False}},
+        name="third",
+    )
+    assert third.wait_exit(timeout=180) == 0, third.log_tail()
+    wait_for(lambda: (first.output_dir / LOCK_NAME).read_text() == "", "the lock file blanked at exit", 10)
