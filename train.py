@@ -271,53 +271,56 @@ def run_loop(
     step: int,
 ) -> None:
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
     if steps_per_epoch < 1:
         raise SystemExit("train.py: dataset_size is too small for one optimizer step; raise dataset_size")
     metrics_path = Path(ckpt.config.output_dir) / "metrics.jsonl"
-    progress = tqdm(
-        total=cfg.max_steps,
-        initial=step,
-        desc="train",
-        disable=not accelerator.is_main_process,
-        mininterval=0.1 if sys.stderr.isatty() else 5.0,  # a log file gets a line every few seconds, not every step
-    )
-    model.train()
-    epoch = step // steps_per_epoch
-    while step < cfg.max_steps:
-        loader.set_epoch(epoch)
-        # Resuming mid-epoch: skip the batches of this epoch that were already trained on.
-        done_in_epoch = (step - epoch * steps_per_epoch) * cfg.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
-        for (input_ids,) in batches:
-            with accelerator.accumulate(model):
-                loss = model(input_ids=input_ids, labels=input_ids).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            if not accelerator.sync_gradients:
+    # Log lines go through tqdm while its bar is drawn, so that no line lands in the middle of the bar.
+    with logging_redirect_tqdm():
+        progress = tqdm(
+            total=cfg.max_steps,
+            initial=step,
+            desc="train",
+            disable=not accelerator.is_main_process,
+            mininterval=0.1 if sys.stderr.isatty() else 5.0,  # a log file gets a line every few seconds, not every step
+        )
+        model.train()
+        epoch = step // steps_per_epoch
+        while step < cfg.max_steps:
+            loader.set_epoch(epoch)
+            # Resuming mid-epoch: skip the batches of this epoch that were already trained on.
+            done_in_epoch = (step - epoch * steps_per_epoch) * cfg.gradient_accumulation_steps
+            batches = accelerator.skip_first_batches(loader, done_in_epoch) if done_in_epoch else loader
+            for (input_ids,) in batches:
+                with accelerator.accumulate(model):
+                    loss = model(input_ids=input_ids, labels=input_ids).loss
+                    accelerator.backward(loss)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1
+                lr = scheduler.get_last_lr()[0]  # the rate this step trained with
+                # Once per optimizer step, before ckpt.step() (a checkpoint holds the next step's rate); not after a
+                # step that fp16's loss scaler skipped, as accelerate's own stepping does.
+                if not accelerator.optimizer_step_was_skipped:
+                    scheduler.step()
+                mean_loss = accelerator.reduce(loss.detach(), "mean").item()
+                if accelerator.is_main_process:
+                    record = {"step": step, "loss": mean_loss, "lr": lr, "time": time.time()}
+                    with open(metrics_path, "a", encoding="utf-8") as fh:
+                        fh.write(json.dumps(record) + "\n")
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
+                if ckpt.step(step) or step >= cfg.max_steps:
+                    break
+            else:
+                epoch += 1
                 continue
-            step += 1
-            lr = scheduler.get_last_lr()[0]  # the rate this step trained with
-            # Once per optimizer step, before ckpt.step() (a checkpoint holds the next step's rate); not after a
-            # step that fp16's loss scaler skipped, as accelerate's own stepping does.
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            mean_loss = accelerator.reduce(loss.detach(), "mean").item()
-            if accelerator.is_main_process:
-                record = {"step": step, "loss": mean_loss, "lr": lr, "time": time.time()}
-                with open(metrics_path, "a", encoding="utf-8") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                progress.update(1)
-                progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
-            if ckpt.step(step) or step >= cfg.max_steps:
-                break
-        else:
-            epoch += 1
-            continue
-        break
-    progress.close()
+            break
+        progress.close()
     if accelerator.is_main_process:
         logger.info("training ended at step %d (max_steps %d)", step, cfg.max_steps)
 

@@ -40,6 +40,7 @@ from ckptbus._coordinator import Coordinator, Decision, exit_status, reason_tabl
 from ckptbus._eventlog import EVENT_LOG_NAME
 from ckptbus._layout import CheckpointInfo, checkpoint_path, read_checkpoint, rotate
 from ckptbus._lock import OutputDirLock, acquire
+from ckptbus._logging import set_up as set_up_logging
 from ckptbus._resume import LATEST, LATEST_OR_FRESH, Resolution, resolve
 from ckptbus._source import RunInfo, TriggerSource, check_source, close_all
 
@@ -82,6 +83,7 @@ class Runtime:
     """
 
     def __init__(self, config: CheckpointConfig, *, sources: Iterable[object] = ()) -> None:
+        set_up_logging()
         self.config = config
         self.bus = Bus()
         """The run's bus: subscribe to ``save_completed`` and friends here."""
@@ -138,6 +140,7 @@ class Runtime:
         self.exchange = exchange
         self.rank = rank
         self.world_size = exchange.world_size
+        set_up_logging(rank)
         self.last_step = step
         self.stopped = False
         self._stop_signum = 0

@@ -647,3 +647,18 @@ def test_second_ctrl_c_during_a_save_two_ranks(launch: Any) -> None:
     _second_press_during_save(run, lambda: os.killpg(run.pid, signal.SIGINT))
     assert "forcefully exiting" not in run.log()
     assert not [p for p in pids if _alive(p)]
+
+
+def test_the_first_press_is_answered_at_once_even_before_the_step_ends() -> None:
+    """The child is between two polls (a long step): the answer comes from the handler, before any poll."""
+    with _child(debounce=30.0) as proc:
+        proc.send_signal(signal.SIGINT)
+        assert proc.stderr is not None
+        line = ""
+        while not line.strip():  # the answer starts with a newline, so that it never sits inside a progress bar
+            line = proc.stderr.readline()
+        assert line.strip() == (
+            "ckptbus: SIGINT: every rank saves a weights checkpoint at the end of this step, then stops; "
+            "press Ctrl+C again to abort without it"
+        )
+        assert _poll(proc) == "requests 1"

@@ -30,7 +30,8 @@ nobody reads any more (``accelerate launch ... | tee log`` killed as a
 whole). Python ignores SIGPIPE, so the next ``print`` or progress-bar update
 would raise ``BrokenPipeError`` in whatever code writes and end the rank
 before it saves. Such pipes are pointed at ``/dev/null`` when the launcher is
-found gone; output that had a reader keeps it.
+found gone, and at every step after that until the run ends (the reader may
+die a moment after the launcher); output that has a reader keeps it.
 """
 
 from __future__ import annotations
@@ -108,7 +109,12 @@ class LauncherWatch:
             bus.subscribe(name, self._on_save_done)
 
     def poll(self, step: int) -> None:
-        if not self.watching or os.getppid() == self._parent:
+        if self.launcher_gone:
+            # The reader of the output may die a moment after the launcher (a pipeline killed as a whole):
+            # keep looking until the run ends.
+            _quiet_broken_stdio()
+            return
+        if self._parent is None or os.getppid() == self._parent:
             return
         self._noticed_at = time.time()
         replaced = _quiet_broken_stdio()  # before logging: the warning itself may go to a broken pipe
@@ -122,13 +128,12 @@ class LauncherWatch:
         request = SaveRequested(kind=self.kind, reason=self.reason, exit_after=True, requested_at=self._noticed_at)
         self._request_id = request.request_id
         logger.warning(
-            "ckptbus: the launcher of this rank (pid %s) is gone (the parent is now pid %d); every rank saves a %s "
-            "checkpoint at step %d or %d and stops%s",
+            "ckptbus: the launcher of this rank (pid %s) is gone (the parent is now pid %d) at step %d; every rank "
+            "saves a %s checkpoint at the next vote and stops%s",
             self._parent,
             os.getppid(),
-            self.kind,
             step,
-            step + 1,  # step + 1 where the vote of this step is read at the next one (Coordinator docs)
+            self.kind,
             f" (nothing reads its {' and '.join(replaced)} any more: sent to {os.devnull})" if replaced else "",
         )
         assert self._bus is not None
@@ -143,14 +148,17 @@ class LauncherWatch:
         for name in ("save_completed", "save_failed"):
             bus.unsubscribe(name, self._on_save_done)
 
-    # -- receivers (any thread: they only set attributes or log) ---------------
+    # -- receivers (``save_requested`` may come on any thread: it only sets an attribute) --------
 
     def _note_stop(self, event: SaveRequested | SaveStarted) -> None:
         if event.exit_after and not (isinstance(event, SaveRequested) and event.request_id == self._request_id):
             self._stopping = True
 
     def _on_save_done(self, event: SaveCompleted | SaveFailed) -> None:
-        if self._request_id is None or self._request_id not in event.request_ids or self._noticed_at is None:
+        if self._noticed_at is None:
+            return
+        _quiet_broken_stdio()  # published on the training thread, right before the last lines a stopping run writes
+        if self._request_id is None or self._request_id not in event.request_ids:
             return
         after = time.time() - self._noticed_at
         if isinstance(event, SaveCompleted):

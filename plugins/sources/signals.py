@@ -103,6 +103,8 @@ class SignalTrigger:
         self._published_stop = False
         self._waiting: dict[str, tuple[str, float]] = {}  # request id -> (signal name, wall time received)
         self._subscribed = False
+        self._main = True  # the main process answers a stopping signal at once (set at start)
+        self._launched = False  # started by torchrun / accelerate launch, whose own report follows ours
 
     @property
     def handled(self) -> tuple[signal.Signals, ...]:
@@ -128,6 +130,8 @@ class SignalTrigger:
         if not self._plans or self._previous:
             return  # nothing to handle, or already started
         self.bus = bus
+        self._main = run.is_main_process
+        self._launched = "TORCHELASTIC_RUN_ID" in os.environ
         if threading.current_thread() is not threading.main_thread():
             logger.warning(
                 "ckptbus: started outside the main thread; signal handlers for %s were not installed, so these "
@@ -172,7 +176,10 @@ class SignalTrigger:
                 kind=plan.kind, reason=f"signal:{name}", exit_after=plan.exit_after, requested_at=at
             )
             self._waiting[request.request_id] = (name, at)
-            logger.warning(
+            # From the main process as a warning; from the others at INFO (shown with CKPTBUS_LOG_LEVEL=INFO), so
+            # that a Ctrl+C the launcher forwarded to every rank gives one line, not one per rank.
+            logger.log(
+                logging.WARNING if self._main else logging.INFO,
                 "ckptbus: %s received (pid %d); every rank saves a %s checkpoint at step %d or %d%s",
                 name,
                 os.getpid(),
@@ -212,12 +219,26 @@ class SignalTrigger:
             now = time.monotonic()
             if self._stop_at is None:
                 self._stop_at = now
+                if self._main:
+                    self._acknowledge(signum, plan)
             elif now - self._stop_at > self.debounce_seconds:
                 self._abort(signum)
         self._received.append((signum, time.time()))
         previous = self._previous.get(signum)
         if callable(previous) and previous is not signal.default_int_handler:
             previous(signum, frame)
+
+    @staticmethod
+    def _acknowledge(signum: int, plan: _Plan) -> None:
+        """Say at once, even in the middle of a long step, what the first stopping signal does (handler-safe: one
+        write to standard error, no logging, no locks)."""
+        name = signal.Signals(signum).name
+        again = "press Ctrl+C again" if signum == signal.SIGINT else f"send {name} again"
+        message = (
+            f"\nckptbus: {name}: every rank saves a {plan.kind} checkpoint at the end of this step, then stops; "
+            f"{again} to abort without it\n"
+        )
+        os.write(2, message.encode())
 
     def _abort(self, signum: int) -> None:
         """Die at once by ``signum``'s default action (a second press); never returns."""
@@ -249,6 +270,14 @@ class SignalTrigger:
                     time.time() - at,
                     event.seconds,
                 )
+                if event.exit_after and self._launched and self._main:
+                    logger.info(
+                        "ckptbus: the checkpoint is %s; every rank now exits with status %d, which the launcher "
+                        "reports with a traceback of its own and status 1: expected after %s",
+                        event.path,
+                        128 + int(signal.Signals[name]),
+                        name,
+                    )
             else:
                 logger.warning(
                     "ckptbus: %s: the checkpoint at step %d failed %.2f s after the signal: %s",
