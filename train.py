@@ -12,6 +12,7 @@ same seed sees the same data.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -312,17 +313,27 @@ def run_loop(
                     record = {"step": step, "loss": mean_loss, "lr": lr, "time": time.time()}
                     with open(metrics_path, "a", encoding="utf-8") as fh:
                         fh.write(json.dumps(record) + "\n")
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{mean_loss:.3f}", refresh=False)
+                    _draw(progress, mean_loss)
                 if ckpt.step(step) or step >= cfg.max_steps:
                     break
             else:
                 epoch += 1
                 continue
             break
-        progress.close()
+        with contextlib.suppress(OSError):  # (see _draw)
+            progress.close()
     if accelerator.is_main_process:
         logger.info("training ended at step %d (max_steps %d)", step, cfg.max_steps)
+
+
+def _draw(progress: Any, loss: float) -> None:
+    """Advance the progress bar; a terminal or pipe that went away (a dead launcher, a ``| tee`` that ended first)
+    turns the bar off instead of ending the run before ckptbus can save."""
+    try:
+        progress.update(1)
+        progress.set_postfix(loss=f"{loss:.3f}", refresh=False)
+    except OSError:
+        progress.disable = True
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -199,7 +199,7 @@ class DynamicCheckpointConfig:
 
     on_launcher_exit: OnLauncherExit = "full"
     """With ``enabled``: when the launcher of a rank dies without stopping it (``accelerate launch`` or torchrun's
-    agent killed), every rank saves this (``full`` or ``weights``) within a step or two and stops, instead of
+    agent killed), every rank saves this (``full`` or ``weights``) at its next vote and stops, instead of
     training on outside the job; ``none`` leaves the ranks running. See docs/schedulers.md."""
 
     def __post_init__(self) -> None:

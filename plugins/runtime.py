@@ -106,6 +106,7 @@ class Runtime:
         self.stopped = False
         self.running = False
         self._stop_signum = 0
+        self._stop_unfinished = False
         self._failed_save: SaveFailed | None = None
         self._saved: dict[int, SaveCompleted] = {}
         self._votes: SharedVotes | None = None
@@ -144,6 +145,7 @@ class Runtime:
         self.last_step = step
         self.stopped = False
         self._stop_signum = 0
+        self._stop_unfinished = False
         self._failed_save = None
         self.output_dir.mkdir(parents=True, exist_ok=True)
         check_output_dir_layout(
@@ -235,6 +237,8 @@ class Runtime:
         if decision.exit_after:
             self.stopped = True
             self._stop_signum = self._stop_signum or decision.signum
+            # A stop no signal asked for but the loss of the launcher did: the run did not finish, say so.
+            self._stop_unfinished = self._stop_unfinished or "launcher" in decision.reasons
 
     def agreed(self, vote: Sequence[int]) -> list[int]:
         """Element-wise maximum of ``vote`` over the ranks (the run's collective; identity before start)."""
@@ -340,8 +344,8 @@ class Runtime:
     @property
     def exit_code(self) -> int:
         """``128 + signal number`` after a stop asked for by a signal, 1 after a stop because a save failed
-        (``on_save_failure: stop``), else 0."""
-        return exit_status(self.stopped, self._stop_signum, self._failed_save is not None)
+        (``on_save_failure: stop``) or because the launcher is gone, else 0."""
+        return exit_status(self.stopped, self._stop_signum, self._failed_save is not None or self._stop_unfinished)
 
     @property
     def failed_save(self) -> SaveFailed | None:
@@ -522,7 +526,8 @@ class RunControls:
     @property
     def exit_code(self) -> int:
         """The exit status a script should end with: ``128 + signal number`` after a stop asked for by a signal,
-        1 after a stop because a save failed (``on_save_failure: stop``), else 0: ``sys.exit(x.exit_code)``."""
+        1 after a stop because a save failed (``on_save_failure: stop``) or the launcher is gone, else 0:
+        ``sys.exit(x.exit_code)``."""
         return self._runtime.exit_code
 
     @property

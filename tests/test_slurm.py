@@ -48,7 +48,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(900)]
 
 DOC = REPO / "docs" / "schedulers.md"
 SCRIPT_MARKER = re.compile(r"^<!-- slurm: (?P<name>[a-z]+) -->\s*$")
-TRAINING = 300.0  # seconds a job may take to start training: 2 busy cores, several jobs starting at once
+TRAINING = 480.0  # seconds a job may take to start training: 2 busy cores, several jobs starting at once, niced
 FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED"})
 
 
@@ -325,9 +325,9 @@ def stop(job: Job, case: Case) -> float:
     """Stop ``job`` as ``case`` says; returns when (wall time) the stop was asked for."""
     at = time.time()
     if case.stop == "limit":
-        # With a --signal of 120 s, a limit 40 to 100 s away makes SLURM signal at its next check (about every
+        # With a --signal of 120 s, a limit 55 to 115 s away makes SLURM signal at its next check (about every
         # 30 s), well before the limit. Without one, the limit comes 20 to 80 s from now (and up to 30 s late).
-        cut_time_limit(job, 20 if case.drop_signal else 40)
+        cut_time_limit(job, 20 if case.drop_signal else 55)
     elif case.stop.startswith("scancel "):
         scontrol_run([*case.stop.split(), str(job.id)], check=True)
     else:
