@@ -17,8 +17,10 @@ so that machine noise hits them alike:
   digested as it is written.
 - ``ckptbus sync 1 writer``: the same, the main process writing every shared
   file (as ``save_state`` does): what the parallel writers bring.
-- ``ckptbus sync no digests``: the same without digests while writing (the
-  committer then reads the files back): what the digests cost.
+- ``ckptbus sync digests read back``: the same, the digests taken by the
+  committer reading the files back after writing (as for files ckptbus does
+  not write itself).
+- ``ckptbus sync no digests``: the same without digests: what they cost.
 - ``ckptbus sync crc32``: the same with ``torch_save_crc32: true``, as
   ``save_state`` writes them.
 - ``ckptbus async`` (``dynamic_checkpoint.async_save``): training waits for the
@@ -75,6 +77,7 @@ ARMS = (
     "save_state",
     "ckptbus sync",
     "ckptbus sync 1 writer",
+    "ckptbus sync digests read back",
     "ckptbus sync no digests",
     "ckptbus sync crc32",
     "ckptbus async",
@@ -82,10 +85,11 @@ ARMS = (
     "dd 2 streams",
 )
 SYNC_VARIANTS = {
-    # arm: (torch_save_crc32, parallel writers, digests while writing)
-    "ckptbus sync crc32": (True, True, True),
-    "ckptbus sync 1 writer": (False, False, True),
-    "ckptbus sync no digests": (False, True, False),
+    # arm: (torch_save_crc32, parallel writers, how digests are taken)
+    "ckptbus sync crc32": (True, True, "written"),
+    "ckptbus sync 1 writer": (False, False, "written"),
+    "ckptbus sync digests read back": (False, True, "read back"),
+    "ckptbus sync no digests": (False, True, "none"),
 }
 
 
@@ -162,7 +166,7 @@ def main() -> None:
     for arm, (crc32, parallel, digests) in SYNC_VARIANTS.items():
         ckpts[arm] = DynamicCheckpoint(accelerator, ckpt_config(root / arm.replace(" ", "_"), False, crc32))
         ckpts[arm]._sink.parallel_writers = parallel
-        ckpts[arm]._sink.digest_while_writing = digests
+        ckpts[arm]._sink.digests = digests
         completed[arm] = []
         ckpts[arm].bus.subscribe("save_completed", completed[arm].append)
     steps = dict.fromkeys(ckpts, 0)
@@ -307,6 +311,9 @@ def main() -> None:
             "sync_n_writers_over_1_writer": slowest["ckptbus sync"] / slowest["ckptbus sync 1 writer"],
             "sync_n_writers_target": 0.75,
             "digests_cost_over_sync": slowest["ckptbus sync"] / slowest["ckptbus sync no digests"] - 1,
+            "digests_read_back_cost_over_sync": slowest["ckptbus sync digests read back"]
+            / slowest["ckptbus sync no digests"]
+            - 1,
             "digests_cost_target": 0.02,
             "dd_2_streams_over_1": med["dd 2 streams"] / med["dd"],
             "samples_seconds": stall,
@@ -333,6 +340,7 @@ def main() -> None:
             "sync_crc32_throughput_over_dd",
             "sync_n_writers_over_1_writer",
             "digests_cost_over_sync",
+            "digests_read_back_cost_over_sync",
             "dd_2_streams_over_1",
         )
         print(json.dumps({k: result[k] for k in keys}, indent=2))

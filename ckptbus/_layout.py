@@ -270,12 +270,14 @@ def write_manifest(
     manifest_fields: dict[str, Any],
     fields_after_fsync: Callable[[], dict[str, Any]] = dict,
     digests: dict[str, str] | None = None,
+    *,
+    read_back: bool = True,
 ) -> Manifest:
     """Mark ``directory`` complete: fsync every file in it, then write the manifest last (through a temporary
     file) and fsync the directory. A manifest already there is removed first, so the files written since are
     never called complete by an older one. ``fields_after_fsync`` gives more manifest fields once every file is
     fsynced (timings that must include the fsync). ``digests``: those taken as the files were written; a file
-    without one is read back here."""
+    without one is read back here (unless ``read_back`` is False: then it has no digest)."""
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
     files = fsync_tree(directory)
     manifest = Manifest(
@@ -284,7 +286,7 @@ def write_manifest(
         bytes=sum(files.values()),
         # A file no rank digested as it wrote it (written by save_state under DeepSpeed or FSDP, or by the
         # Trainer) is read back once here.
-        digests={name: (digests or {}).get(name) or digest_file(directory / name) for name in files},
+        digests=_complete_digests(directory, files, digests or {}, read_back),
         **manifest_fields,
         **fields_after_fsync(),
     )
@@ -298,12 +300,21 @@ def write_manifest(
     return manifest
 
 
+def _complete_digests(directory: Path, files: Iterable[str], taken: dict[str, str], read_back: bool) -> dict[str, str]:
+    found = {name: taken[name] for name in files if name in taken}
+    if read_back:
+        found.update({name: digest_file(directory / name) for name in files if name not in taken})
+    return found
+
+
 def commit(
     staging: Path,
     final: Path,
     manifest_fields: dict[str, Any],
     fields_after_fsync: Callable[[], dict[str, Any]] = dict,
     digests: dict[str, str] | None = None,
+    *,
+    read_back: bool = True,
 ) -> Manifest:
     """Make ``staging`` the complete checkpoint ``final``: write its manifest last (:func:`write_manifest`),
     rename the directory and fsync the parent.
@@ -312,7 +323,7 @@ def commit(
     replaced; any other directory of that name is moved aside to
     ``<final>.orphaned-<time>`` and kept.
     """
-    manifest = write_manifest(staging, manifest_fields, fields_after_fsync, digests)
+    manifest = write_manifest(staging, manifest_fields, fields_after_fsync, digests, read_back=read_back)
     trash: Path | None = None
     if final.exists() or final.is_symlink():
         try:

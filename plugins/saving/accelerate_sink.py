@@ -37,7 +37,7 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -118,8 +118,9 @@ class AccelerateSink:
         self.parallel_writers = True
         """Spread the shared files of a full save over the ranks (False: the main process writes them, as
         ``save_state`` does). Only benchmarks turn it off, to measure what it brings."""
-        self.digest_while_writing = True
-        """Digest each file as it is written (False: the committer reads them back). Only benchmarks turn it off."""
+        self.digests: Literal["written", "read back", "none"] = "written"
+        """How the manifest's digests are taken: as each file is written (files ckptbus did not write itself are
+        read back by the committer); or all read back; or none. Only benchmarks change it, to measure it."""
 
     @property
     def is_committer(self) -> bool:
@@ -206,7 +207,7 @@ class AccelerateSink:
             if error is not None:
                 return self._fail(save, error)
         job = WriteJob(
-            snapshot[0], save.staging, torch_save_crc32=self.torch_save_crc32, digest=self.digest_while_writing
+            snapshot[0], save.staging, torch_save_crc32=self.torch_save_crc32, digest=self.digests == "written"
         )
         flight = _InFlight(save, job, stall=0.0)
         for optimizer in self.accelerator._optimizers:
@@ -298,6 +299,7 @@ class AccelerateSink:
                     self.runtime.manifest_fields(decision, decision.kind),
                     timings_with_fsync,
                     digests,
+                    read_back=self.digests != "none",
                 )
                 committed_bytes = manifest.bytes
                 timings[:] = [manifest.stall_seconds, manifest.write_seconds]
@@ -321,7 +323,7 @@ class AccelerateSink:
         """Write this rank's part of the save; return the digests of the files ckptbus wrote itself."""
         if kind == "full" and writes is not None:
             snapshot = self._snapshot.take(self.accelerator, writes=writes, copy=False)
-            job = WriteJob(snapshot, staging, torch_save_crc32=self.torch_save_crc32, digest=self.digest_while_writing)
+            job = WriteJob(snapshot, staging, torch_save_crc32=self.torch_save_crc32, digest=self.digests == "written")
             job.write()
             return job.digests
         if kind == "full":  # a run ckptbus cannot write itself (DeepSpeed, FSDP, a save_state pre-hook)

@@ -9,13 +9,14 @@ checkpoint) would end the run with nothing saved. Then the weights are
 gathered all the same, the way that setting gathers them: DeepSpeed's
 consolidation, one layer at a time onto rank 0 and into host memory, the
 parameters in the dtype they train in. The files are those the setting
-would give (``model.safetensors``, sharded if large); the returned note says
-it happened, for the log.
+would give (``model.safetensors``, sharded if large), and the main process
+logs how the weights were gathered.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
+
+logger = logging.getLogger("ckptbus")
 
 ZERO3_GATHERED = (
     "DeepSpeed ZeRO-3 without zero3_save_16bit_model: the partitioned weights were gathered onto rank 0 "
@@ -35,12 +38,14 @@ def save_weights(accelerator: Accelerator, model: torch.nn.Module, directory: Pa
 
     Call it on every rank at the same time: under FSDP and DeepSpeed the
     weights are gathered with collectives. Returns a note on how the weights
-    were gathered when it was not ``save_model``'s own way (else ``""``).
-    Raises what ``save_model`` raises (an ``OSError`` of the writes, a
-    collective's error).
+    were gathered when it was not ``save_model``'s own way (else ``""``),
+    which the main process has logged. Raises what ``save_model`` raises (an
+    ``OSError`` of the writes, a collective's error).
     """
     with _zero3_gathering(accelerator, model) as note:
         accelerator.save_model(model, str(directory), safe_serialization=True)
+    if note and accelerator.is_main_process:
+        logger.warning("ckptbus: %s", note)
     if is_committer:
         _save_model_config(accelerator, model, directory)
     return note
