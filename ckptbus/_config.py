@@ -82,6 +82,11 @@ OnLauncherExit = Literal["full", "weights", "none"]
 
 ON_LAUNCHER_EXIT: tuple[OnLauncherExit, ...] = typing.get_args(OnLauncherExit)
 
+AsyncWriter = Literal["thread", "process"]
+"""Where an asynchronous save's files are written: a thread of the training process, or a forked process."""
+
+ASYNC_WRITERS: tuple[AsyncWriter, ...] = typing.get_args(AsyncWriter)
+
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class SignalsConfig:
@@ -187,6 +192,12 @@ class DynamicCheckpointConfig:
     writes the files and the checkpoint is committed at a later step, once every rank finished writing. Off:
     training waits for the whole save. See docs/performance.md."""
 
+    async_writer: AsyncWriter = "thread"
+    """With ``async_save``: who writes the files. ``thread``: a thread of the training process, after host copies
+    made while the next step computes. ``process``: a process forked at the agreed step, which sees the state of
+    that step through copy-on-write memory and serializes it without taking the training process's GIL (CPU
+    tensors only; with CUDA tensors the thread writes). See docs/performance.md."""
+
     torch_save_crc32: bool = False
     """Whether the files ckptbus saves with ``torch.save`` (optimizer, scheduler, RNG states) carry the zip
     CRC32 of each record. ``torch.load`` never checks it, and computing it is most of ``torch.save``'s time for
@@ -229,6 +240,12 @@ class DynamicCheckpointConfig:
             + f", checkpoint-* or .ckptbus-*), for example {DEFAULT_TRIGGER_FILE!r}",
         )
         _check(isinstance(self.async_save, bool), "dynamic_checkpoint.async_save", self.async_save, "true or false")
+        _check(
+            self.async_writer in ASYNC_WRITERS,
+            "dynamic_checkpoint.async_writer",
+            self.async_writer,
+            " or ".join(repr(a) for a in ASYNC_WRITERS),
+        )
         _check(
             isinstance(self.torch_save_crc32, bool),
             "dynamic_checkpoint.torch_save_crc32",

@@ -173,7 +173,7 @@ def _write_holder(fd: int, holder: Holder) -> None:
 
 
 def _in_use(directory: Path, path: Path) -> SetupError:
-    holder = holder_of(directory)
+    holder = _read_holder(path)  # (this process does not hold it: the registry was asked first)
     who = holder.describe() if holder is not None else "a process that has not written its name yet"
     return SetupError(
         f"output_dir {str(directory)!r} is in use by another run ({who}): two runs in one output_dir would mix "
@@ -191,8 +191,12 @@ def holder_of(output_dir: str | os.PathLike[str]) -> Holder | None:
         mine = _held.get(directory)
         if mine is not None and mine.held:
             return mine.holder  # opening the file here would drop this process's lock
+    return _read_holder(directory / LOCK_NAME)
+
+
+def _read_holder(path: Path) -> Holder | None:
     try:
-        text = (directory / LOCK_NAME).read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8")
     except OSError:
         return None
     return Holder.parse(text)

@@ -409,7 +409,7 @@ class Runtime:
         steps = sorted({-1 if s is None else s for s, _ in answers})
         if len(steps) > 1:
             raise CheckpointError(
-                f"ranks found different checkpoints for {target!r} (steps {steps[0]} to {steps[-1]}; -1: none): "
+                f"ranks found different checkpoints for {target!r} (steps {steps[0]} to {steps[-1]}): "
                 "with one output_dir per node every node must hold the same checkpoints; pass the path of one "
                 "that all nodes have"
             )

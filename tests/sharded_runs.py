@@ -10,9 +10,9 @@ The scenario (:func:`on_demand_then_exact_resume`), as a user would do it:
    engine's own layout, each loadable with ``accelerator.load_state``;
 2. Ctrl+C (SIGINT to the launcher's process group): every rank stops at one
    step K and a weights checkpoint of step K is written;
-3. a second run resumes from the request's checkpoint and trains to K with
-   a scheduled full save at K. Its losses must equal the first run's bit for
-   bit (the first run went on uninterrupted after that checkpoint), and the
+3. a second run resumes from the request's checkpoint, with a scheduled
+   full save at K. Its losses must equal the first run's bit for bit (the
+   first run went on uninterrupted after that checkpoint), and the
    Ctrl+C weights must equal the weights of its step-K checkpoint,
    consolidated with the engine's own tool (DeepSpeed's ``zero_to_fp32``,
    torch's ``dcp_to_torch_save``), and load with ``from_pretrained``.
@@ -32,7 +32,7 @@ import torch
 from procs import free_port
 from runs import BIN, REPO, TrainingRun
 
-from ckptbus import list_checkpoints, read_checkpoint
+from ckptbus import checkpoint_path, list_checkpoints, read_checkpoint
 
 CPU_RANKS = Path(__file__).parent / "scripts" / "cpu_ranks.py"
 TRIGGER = "axolotl_checkpoint.save"
@@ -168,12 +168,13 @@ def on_demand_then_exact_resume(start: Start, engine: Engine, tmp_path: Path) ->
     assert "exiting with status 130" in log, run.log_tail()
     assert log.count(ASYNC_FALLBACK) == 1, [line for line in log.splitlines() if ASYNC_FALLBACK in line]
 
-    # The second run: from the request's checkpoint to the Ctrl+C's step, with a full save there.
+    # The second run: from the request's checkpoint, with a scheduled full save at the Ctrl+C's step. Its
+    # max_steps stays the first run's (the LR schedule is built from it), so it trains on past that step and is
+    # stopped once the checkpoint is complete.
     resumed = start(
         engine,
         config={
             **CONFIG,
-            "max_steps": by_signal.step,
             "save_steps": by_signal.step,
             "output_dir": str(tmp_path / "resumed"),
             "dynamic_checkpoint": {"enabled": False},
@@ -181,15 +182,16 @@ def on_demand_then_exact_resume(start: Start, engine: Engine, tmp_path: Path) ->
         train_args=("--resume-from-checkpoint", str(by_socket.path)),
         name="resumed",
     )
-    assert resumed.wait_exit(timeout=240) == 0, resumed.log_tail()
+    resumed.wait_for(lambda: list_checkpoints(resumed.output_dir), "the scheduled checkpoint", timeout=240)
+    resumed.kill()
     first = {r["step"]: r["loss"] for r in run.metrics()}
-    again = {r["step"]: r["loss"] for r in resumed.metrics()}
+    again = {r["step"]: r["loss"] for r in resumed.metrics() if r["step"] <= by_signal.step}
     assert sorted(again) == list(range(by_socket.step + 1, by_signal.step + 1)), sorted(again)
     different = {s: (first[s], again[s]) for s in again if again[s] != first[s]}
     assert not different, f"losses differ after resuming (step: (uninterrupted, resumed)): {different}"
 
-    (reference_ckpt,) = list_checkpoints(resumed.output_dir)
-    assert reference_ckpt.step == by_signal.step
+    reference_ckpt = read_checkpoint(checkpoint_path(resumed.output_dir, by_signal.step))
+    assert (reference_ckpt.manifest.kind, reference_ckpt.manifest.reason) == ("full", "schedule")
     reference = engine.consolidate(reference_ckpt.path, tmp_path)
     assert_same_weights(load_file(by_signal.path / "model.safetensors"), reference)
     model = GPT2LMHeadModel.from_pretrained(by_signal.path)

@@ -220,9 +220,13 @@ def _staging(out: Path) -> list[str]:
     return sorted(p.name for p in out.iterdir() if p.name.startswith(STAGING_PREFIX))
 
 
-def test_trigger_commits_a_loadable_checkpoint_and_resume_repeats_the_losses(launch: Launch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_trigger_commits_a_loadable_checkpoint_and_resume_repeats_the_losses(
+    launch: Launch, tmp_path: Path, writer: str
+) -> None:
     max_steps = 40
-    run = launch(processes=2, config={**DATA, "max_steps": max_steps, "dynamic_checkpoint": ASYNC}, name="ref")
+    dyn = {**ASYNC, "async_writer": writer}
+    run = launch(processes=2, config={**DATA, "max_steps": max_steps, "dynamic_checkpoint": dyn}, name="ref")
     run.wait_for_step(2)
     done = _trigger_and_wait(run)
     assert done["event"] == "SaveCompleted", done

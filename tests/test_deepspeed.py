@@ -22,18 +22,15 @@ pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make setup 
 
 pytestmark = pytest.mark.slow
 
-# What DeepSpeed writes for a full save with accelerate: its engine's checkpoint under the tag pytorch_model,
-# the tag in `latest`, and its consolidation scripts beside them.
-FULL_FILES = (
-    "latest",
-    "zero_to_fp32.py",
-    "pytorch_model/mp_rank_00_model_states.pt",
-    "pytorch_model/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-    "pytorch_model/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-    "random_states_0.pkl",
-    "random_states_1.pkl",
-    "scheduler.bin",
-)
+# What DeepSpeed writes for a full save with accelerate: its engine's checkpoint under the tag pytorch_model
+# (the tag in `latest`), its consolidation scripts beside it, and accelerate's own files. ZeRO-2 keeps the whole
+# model in one file; ZeRO-3 has each rank write its shard of the model too.
+COMMON = ("latest", "zero_to_fp32.py", "random_states_0.pkl", "random_states_1.pkl", "scheduler.bin")
+OPTIMIZER = tuple(f"pytorch_model/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1))
+MODEL = {
+    2: ("pytorch_model/mp_rank_00_model_states.pt",),
+    3: tuple(f"pytorch_model/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)),
+}
 
 
 def zero(stage: int) -> Engine:
@@ -41,7 +38,7 @@ def zero(stage: int) -> Engine:
         name=f"zero{stage}",
         launcher_args=("--use_deepspeed", "--zero_stage", str(stage), "--zero3_save_16bit_model", "false"),
         cpu_ranks="deepspeed",
-        full_files=FULL_FILES,
+        full_files=COMMON + OPTIMIZER + MODEL[stage],
         consolidate=deepspeed_weights,
         env={"DS_ACCELERATOR": "cpu"},
     )

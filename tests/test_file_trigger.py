@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from ckptbus._source import RunInfo
 from ckptbus.plugins.sources.file import FileTrigger
 from runs import TrainingRun
 
 from ckptbus import Bus, CheckpointInfo, SaveRequested, SaveStarted, list_checkpoints
 from ckptbus._coordinator import Coordinator
+from ckptbus._source import RunInfo
 
 TRIGGER = "axolotl_checkpoint.save"
 

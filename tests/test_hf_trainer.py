@@ -99,8 +99,9 @@ def test_output_dir_comes_from_training_arguments(tmp_path: Path) -> None:
 
 
 def test_resume_checkpoint_takes_complete_full_checkpoints_only(tmp_path: Path) -> None:
-    from ckptbus._layout import write_manifest
     from ckptbus.plugins.hf_trainer import DynamicCheckpointCallback
+
+    from ckptbus._layout import write_manifest
 
     def checkpoint(step: int, kind: str) -> Path:
         path = tmp_path / f"checkpoint-{step}"

@@ -54,7 +54,10 @@ def holder(directory: Path) -> Iterator[subprocess.Popen[str]]:
     finally:
         if child.poll() is None:
             child.kill()
-        child.communicate(timeout=30)
+        child.wait(timeout=30)
+        for stream in (child.stdin, child.stdout, child.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def test_a_second_process_is_refused_with_the_holders_host_pid_and_start(tmp_path: Path) -> None:
@@ -141,7 +144,7 @@ def test_the_runtime_takes_the_lock_at_start_and_releases_it_at_shutdown(tmp_pat
         return runtime
 
     first = started()
-    with pytest.raises(SetupError, match="is in use by another run"):
+    with pytest.raises(SetupError, match="in use by another run"):
         started()
     first.shutdown("training ended")
     second = started()

@@ -31,11 +31,13 @@ def test_the_plan_balances_bytes_largest_first_and_is_the_same_everywhere() -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
-def test_every_file_of_a_full_save_is_digested_as_written(launch: Any, async_save: bool) -> None:
-    run: TrainingRun = launch(
-        processes=2, config={"max_steps": 12, "save_steps": 6, "dynamic_checkpoint": {"async_save": async_save}}
-    )
+@pytest.mark.parametrize(
+    "dyn",
+    [{"async_save": False}, {"async_save": True}, {"async_save": True, "async_writer": "process"}],
+    ids=["sync", "async-thread", "async-process"],
+)
+def test_every_file_of_a_full_save_is_digested_as_written(launch: Any, dyn: dict[str, Any]) -> None:
+    run: TrainingRun = launch(processes=2, config={"max_steps": 12, "save_steps": 6, "dynamic_checkpoint": dyn})
     assert run.wait_exit() == 0, run.log_tail()
     checkpoints = list_checkpoints(run.output_dir)
     assert [c.step for c in checkpoints] == [6, 12], run.log_tail()

@@ -87,7 +87,13 @@ class DynamicCheckpoint(RunControls):
             save_on_each_node=bool(accelerator.project_configuration.save_on_each_node),
         )
         dyn = config.dynamic_checkpoint
-        self._sink = AccelerateSink(accelerator, runtime, model=model, torch_save_crc32=dyn.torch_save_crc32)
+        self._sink = AccelerateSink(
+            accelerator,
+            runtime,
+            model=model,
+            torch_save_crc32=dyn.torch_save_crc32,
+            async_writer=dyn.async_writer,
+        )
         self._async_save = dyn.async_save
         if self._async_save:
             why = self._sink.async_unsupported()

@@ -49,6 +49,7 @@ from ckptbus._layout import checkpoint_path, commit, discard, prepare_staging, s
 from ..runtime import Runtime
 from .async_writer import HostSnapshot, Snapshot, WriteJob, async_unsupported, plan_writers
 from .torch_save_crc import torch_save_crc32
+from .writer_process import ProcessWriteJob
 
 logger = logging.getLogger("ckptbus")
 
@@ -78,7 +79,7 @@ class _InFlight:
     """An asynchronous save whose writers run: the save, this rank's writer, and how long the snapshot held training."""
 
     save: _Save
-    job: WriteJob
+    job: WriteJob | ProcessWriteJob
     stall: float
     hooks: list[Any] = field(default_factory=list)
     """Step pre-hooks that hold ``optimizer.step()`` until the deferred copies are made."""
@@ -95,6 +96,11 @@ class _InFlight:
         self.hooks.clear()
 
 
+def _has_cuda_state(accelerator: Accelerator) -> bool:
+    """Whether a model of the run holds CUDA tensors (a forked child cannot read them)."""
+    return any(p.is_cuda for model in accelerator._models for p in model.parameters())
+
+
 class AccelerateSink:
     """Carries out a :class:`~ckptbus._coordinator.Decision` with accelerate. See the module docstring."""
 
@@ -105,8 +111,10 @@ class AccelerateSink:
         *,
         model: torch.nn.Module | None = None,
         torch_save_crc32: bool = False,
+        async_writer: str = "thread",
     ) -> None:
         self.accelerator = accelerator
+        self.async_writer = async_writer
         self.runtime = runtime
         self.torch_save_crc32 = torch_save_crc32
         self.output_dir = runtime.output_dir
@@ -195,9 +203,11 @@ class AccelerateSink:
         snapshot: list[Snapshot] = []
 
         writes = self._writes()
+        # A forked writer reads the live state through copy-on-write memory: nothing to copy (CPU tensors only).
+        forked = self.async_writer == "process" and not _has_cuda_state(self.accelerator)
 
         def take() -> None:
-            snapshot.append(self._snapshot.take(self.accelerator, writes=writes))
+            snapshot.append(self._snapshot.take(self.accelerator, writes=writes, copy=not forked))
 
         for what, stage in (
             ("creating the staging directory", save.prepare),
@@ -206,11 +216,11 @@ class AccelerateSink:
             error = self.runtime.agree(what, stage)
             if error is not None:
                 return self._fail(save, error)
-        job = WriteJob(
+        job = (ProcessWriteJob if forked else WriteJob)(
             snapshot[0], save.staging, torch_save_crc32=self.torch_save_crc32, digest=self.digests == "written"
         )
         flight = _InFlight(save, job, stall=0.0)
-        for optimizer in self.accelerator._optimizers:
+        for optimizer in [] if forked else self.accelerator._optimizers:
             # On the torch optimizer inside accelerate's wrapper: its step() is the one that changes the state.
             inner = getattr(optimizer, "optimizer", optimizer)
             flight.hooks.append(inner.register_step_pre_hook(flight.hold_step))

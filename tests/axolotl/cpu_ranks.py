@@ -1,0 +1,28 @@
+"""TEST-ONLY SHIM: lets axolotl run several ranks on a machine without a GPU. Never use it for real training.
+
+axolotl 0.19 places the model of rank ``r`` on device ``r`` whenever
+``WORLD_SIZE > 1`` (``normalize_config`` sets ``device_map = {"": LOCAL_RANK}``),
+which has no meaning without an accelerator and fails while loading the
+weights. This axolotl plugin, listed in the tests' YAML ``plugins:`` next to
+ckptbus's, loads the model on the CPU instead; with ``ACCELERATE_USE_CPU=1``
+the Trainer then runs every rank over gloo. It changes nothing where a GPU
+is present.
+
+The hook is ``load_datasets``: the first one axolotl calls with the
+normalized config, before the model loader reads ``device_map``
+(``pre_model_load`` comes too late for that). Returning None leaves the
+datasets to axolotl.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from axolotl.integrations.base import BasePlugin
+
+
+class CpuRanks(BasePlugin):  # type: ignore[misc]
+    def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
+        if not torch.cuda.is_available():
+            cfg.device_map = {"": "cpu"}
