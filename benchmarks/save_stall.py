@@ -37,6 +37,10 @@ figure is recorded too (there the other rank waits in the per-step vote for
 the main process, whose training step the writer thread slows down on a
 machine with few cores), and so is ``async_extra_wall``: how much longer the
 steps of the save took than the round's steps without one.
+- ``ckptbus async process`` (``async_writer: process``): the same, written by
+  a process forked at the agreed step (no host copies; no GIL shared with
+  training). ``extra_wall`` for it against the thread's: what the writer costs
+  the training steps that run meanwhile.
 - ``dd``: ``dd conv=fsync`` of as many bytes as the sync checkpoint holds, into
   the same directory (same disk): the disk's own speed for this write.
 - ``dd 2 streams``: the same bytes as two ``dd`` processes of half the size at
@@ -81,6 +85,7 @@ ARMS = (
     "ckptbus sync no digests",
     "ckptbus sync crc32",
     "ckptbus async",
+    "ckptbus async process",
     "dd",
     "dd 2 streams",
 )
@@ -93,7 +98,7 @@ SYNC_VARIANTS = {
 }
 
 
-def ckpt_config(output_dir: Path, async_save: bool, crc32: bool = False) -> CheckpointConfig:
+def ckpt_config(output_dir: Path, async_save: bool, crc32: bool = False, writer: str = "thread") -> CheckpointConfig:
     """Saves asked for through the API only; the ranks vote at every step (as with signals on)."""
     block = {
         "enabled": False,
@@ -101,6 +106,7 @@ def ckpt_config(output_dir: Path, async_save: bool, crc32: bool = False) -> Chec
         "event_log": False,
         "async_save": async_save,
         "torch_save_crc32": crc32,
+        "async_writer": writer,
     }
     return build(CheckpointConfig, {"output_dir": str(output_dir), "dynamic_checkpoint": block})
 
@@ -163,6 +169,12 @@ def main() -> None:
 
     root = Path(args.dir)
     ckpts, completed = sync_and_async_arms(accelerator, root, "ckptbus sync", "ckptbus async")
+    # The asynchronous save written by a forked process (dynamic_checkpoint.async_writer: process).
+    ckpts["ckptbus async process"] = DynamicCheckpoint(
+        accelerator, ckpt_config(root / "async_process", True, False, "process")
+    )
+    completed["ckptbus async process"] = []
+    ckpts["ckptbus async process"].bus.subscribe("save_completed", completed["ckptbus async process"].append)
     for arm, (crc32, parallel, digests) in SYNC_VARIANTS.items():
         ckpts[arm] = DynamicCheckpoint(accelerator, ckpt_config(root / arm.replace(" ", "_"), False, crc32))
         ckpts[arm]._sink.parallel_writers = parallel
@@ -234,6 +246,8 @@ def main() -> None:
         event = done[0]
         if arm == "ckptbus sync":
             extra["sync_bytes"].append(event.bytes)
+        elif arm == "ckptbus async process":
+            extra.setdefault("process_extra_wall", []).append(extra_wall)
         elif arm == "ckptbus async":
             extra["async_manifest_stall"].append(event.stall_seconds)
             extra["async_write"].append(event.write_seconds)
@@ -323,6 +337,9 @@ def main() -> None:
             "async_manifest_stall_over_save_state": statistics.median(extra["async_manifest_stall"][kept])
             / med["save_state"],
             "async_extra_wall_over_save_state": statistics.median(extra["async_extra_wall"][kept]) / med["save_state"],
+            "async_process_stall_max_over_ranks_over_save_state": slowest["ckptbus async process"] / med["save_state"],
+            "async_process_extra_wall_over_save_state": statistics.median(extra["process_extra_wall"][kept])
+            / med["save_state"],
             "async": {
                 k: extra[k] for k in ("async_manifest_stall", "async_write", "steps_in_flight", "async_extra_wall")
             },
@@ -336,6 +353,8 @@ def main() -> None:
             "async_stall_max_over_ranks_over_save_state",
             "async_manifest_stall_over_save_state",
             "async_extra_wall_over_save_state",
+            "async_process_stall_max_over_ranks_over_save_state",
+            "async_process_extra_wall_over_save_state",
             "sync_throughput_over_dd",
             "sync_crc32_throughput_over_dd",
             "sync_n_writers_over_1_writer",

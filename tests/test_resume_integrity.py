@@ -176,6 +176,7 @@ def resume_ranks(tmp_path: Path, out: Path, target: str, fail_load_rank: int = -
     return [dict(rank.result) for rank in ranks if rank.result is not None]
 
 
+@pytest.mark.slow
 def test_one_rank_verifies_and_every_rank_refuses_with_its_words(tmp_path: Path) -> None:
     out = tmp_path / "out"
     write_checkpoint(out, 10)
@@ -192,6 +193,7 @@ def test_one_rank_verifies_and_every_rank_refuses_with_its_words(tmp_path: Path)
     assert not [line for line in rank1["log"] if "skipped" in line or "checked before loading" in line]
 
 
+@pytest.mark.slow
 def test_a_load_that_failed_on_one_rank_stops_every_rank(tmp_path: Path) -> None:
     out = tmp_path / "out"
     write_checkpoint(out, 10)
@@ -204,6 +206,7 @@ def test_a_load_that_failed_on_one_rank_stops_every_rank(tmp_path: Path) -> None
 # -- load failures of a real accelerate checkpoint ---------------------------------------------------
 
 
+@pytest.mark.slow
 def test_every_load_failure_is_a_refusal_naming_the_file(tmp_path: Path) -> None:
     result = tmp_path / "result.json"
     done = subprocess.run(

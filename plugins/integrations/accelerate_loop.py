@@ -101,6 +101,10 @@ class DynamicCheckpoint(RunControls):
                 self._async_save = False
                 if accelerator.is_main_process:
                     logger.warning("ckptbus: dynamic_checkpoint.async_save: %s; full saves stay synchronous", why)
+            elif dyn.async_writer == "process" and self._sink.has_cuda_state() and accelerator.is_main_process:
+                logger.warning(
+                    "ckptbus: async_writer: process reads CPU tensors only; a thread writes this run's saves"
+                )
         if self._sink.is_committer:
             for leftover in clean_leftovers(self.output_dir):
                 logger.warning("ckptbus: removed %s, left by a save that was interrupted", leftover)

@@ -96,11 +96,6 @@ class _InFlight:
         self.hooks.clear()
 
 
-def _has_cuda_state(accelerator: Accelerator) -> bool:
-    """Whether a model of the run holds CUDA tensors (a forked child cannot read them)."""
-    return any(p.is_cuda for model in accelerator._models for p in model.parameters())
-
-
 class AccelerateSink:
     """Carries out a :class:`~ckptbus._coordinator.Decision` with accelerate. See the module docstring."""
 
@@ -129,6 +124,10 @@ class AccelerateSink:
         self.digests: Literal["written", "read back", "none"] = "written"
         """How the manifest's digests are taken: as each file is written (files ckptbus did not write itself are
         read back by the committer); or all read back; or none. Only benchmarks change it, to measure it."""
+
+    def has_cuda_state(self) -> bool:
+        """Whether a model of the run holds CUDA tensors (a forked writer cannot read them)."""
+        return any(p.is_cuda for model in self.accelerator._models for p in model.parameters())
 
     @property
     def is_committer(self) -> bool:
@@ -204,7 +203,7 @@ class AccelerateSink:
 
         writes = self._writes()
         # A forked writer reads the live state through copy-on-write memory: nothing to copy (CPU tensors only).
-        forked = self.async_writer == "process" and not _has_cuda_state(self.accelerator)
+        forked = self.async_writer == "process" and not self.has_cuda_state()
 
         def take() -> None:
             snapshot.append(self._snapshot.take(self.accelerator, writes=writes, copy=not forked))

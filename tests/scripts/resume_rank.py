@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any
 
@@ -57,6 +58,7 @@ def main() -> None:
     result["log"] = lines.lines
     with open(result_path, "w", encoding="utf-8") as fh:
         json.dump(result, fh)
+    os._exit(0)  # without gloo's teardown at interpreter exit, which can abort a rank whose peer left first
 
 
 if __name__ == "__main__":
