@@ -52,7 +52,20 @@ class SaveRequested:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SaveStarted:
+class _SaveEvent:
+    """What every event about one agreed save says: which step, what kind, why, for whom."""
+
+    step: int
+    kind: SaveKind
+    reasons: tuple[str, ...]
+    """The reasons of every rank (``file``, ``signal``, ``socket``, a source's own, ...)."""
+    request_ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    exit_after: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SaveStarted(_SaveEvent):
     """Every rank agreed to save at ``step``; writing begins.
 
     ``request_ids`` are the requests of this rank that the save serves
@@ -60,18 +73,12 @@ class SaveStarted:
     travel: see ``reasons``).
     """
 
-    step: int
-    kind: SaveKind
-    reasons: tuple[str, ...]
-    request_ids: tuple[str, ...]
-    labels: tuple[str, ...]
-    exit_after: bool
     path: str
     """Where the checkpoint will be once complete (it is not there yet)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SaveCompleted:
+class SaveCompleted(_SaveEvent):
     """The checkpoint at ``path`` is complete on disk (manifest written, renamed, fsynced).
 
     ``seconds``: from the agreement to the commit. ``stall_seconds``: how long the save's own work held training
@@ -80,12 +87,6 @@ class SaveCompleted:
     Both are those the manifest records (0.0 where a save was answered by a checkpoint already on disk).
     """
 
-    step: int
-    kind: SaveKind
-    reasons: tuple[str, ...]
-    request_ids: tuple[str, ...]
-    labels: tuple[str, ...]
-    exit_after: bool
     path: str
     bytes: int
     seconds: float
@@ -94,19 +95,13 @@ class SaveCompleted:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SaveFailed:
+class SaveFailed(_SaveEvent):
     """The save at ``step`` failed on at least one rank; nothing was made visible.
 
     ``error`` says what went wrong (on this rank, or that another rank failed).
     Earlier checkpoints are untouched.
     """
 
-    step: int
-    kind: SaveKind
-    reasons: tuple[str, ...]
-    request_ids: tuple[str, ...]
-    labels: tuple[str, ...]
-    exit_after: bool
     error: str
 
     @classmethod
