@@ -243,9 +243,13 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig, *, show_commands: bool =
                     failed.step,
                     failed.error,
                 )
-        elif code and accelerator.is_main_process:
+        elif code > 128 and accelerator.is_main_process:
             logger.info(
                 "stopped by a signal at step %d; exiting with status %d (128 + signal number)", ckpt.last_step, code
+            )
+        elif code and accelerator.is_main_process:
+            logger.info(
+                "stopped at step %d before max_steps (the launcher is gone); exiting with status 1", ckpt.last_step
             )
         return code
     finally:

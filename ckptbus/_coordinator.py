@@ -57,7 +57,8 @@ def signal_number(reason: str) -> int:
 
 def exit_status(stopped: bool, signum: int, save_failed: bool) -> int:
     """What a training script exits with: ``128 + signal number`` after a stop a signal asked for,
-    1 after a stop because a save failed (``on_save_failure: stop``), else 0."""
+    1 after a stop that left the run unfinished (``save_failed``: a save failed with ``on_save_failure: stop``,
+    or the launcher is gone), else 0."""
     if stopped and signum:
         return 128 + signum
     return 1 if save_failed else 0

@@ -165,7 +165,7 @@ class DynamicCheckpointCallback(TrainerCallback, RunControls):
                 "output_dir is not known yet: give it in the ckptbus config, or create the Trainer with this "
                 "callback first (it takes TrainingArguments.output_dir)"
             )
-        return Path(self.config.output_dir)
+        return self._runtime.output_dir
 
     def resume_checkpoint(self, checkpoint: str | os.PathLike[str] | None = None) -> str | None:
         """What to pass to ``trainer.train(resume_from_checkpoint=...)``: a complete full checkpoint, or None.
