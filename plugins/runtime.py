@@ -132,11 +132,13 @@ class Runtime:
         save_on_each_node: bool,
         step: int = 0,
     ) -> None:
-        """Collective (every rank calls it): check the output_dir layout, open the votes, start the sources.
+        """Collective (every rank calls it): check the output_dir layout, take the output_dir lock (one run per
+        output_dir, released by :meth:`shutdown`), open the votes, start the sources.
 
         Raises :class:`~ckptbus.SetupError` on every rank for an output_dir
-        whose sharing does not match ``save_on_each_node``, or ranks whose
-        sources declare different reasons.
+        whose sharing does not match ``save_on_each_node``, an output_dir
+        another run holds (naming it), or ranks whose sources declare
+        different reasons.
         """
         self.exchange = exchange
         self.rank = rank

@@ -35,7 +35,7 @@ folders, or --output-dir DIR (or --config FILE) for every checkpoint-<step>
 folder in a run's output directory, newest first.
 
 Each line says ok, FAILED (the first bad file, what the manifest records and
-what is on disk) or incomplete (no manifest: a save that never completed, or
+what is on disk) or INCOMPLETE (no manifest: a save that never completed, or
 a folder ckptbus did not write; resume never takes those, and they do not
 fail the command). Checkpoints written before digests existed are checked by
 size, and say so. Reads every byte with --mode full: about one read of the

@@ -61,6 +61,7 @@ from ckptbus._layout import MANIFEST_NAME, checkpoint_path, write_manifest
 
 from ..distributed import TorchExchange, check_world, uses_nccl
 from ..runtime import RunControls, Runtime
+from ..saving.errors import apply_umask_modes
 from ..saving.torch_save_crc import torch_save_crc32
 
 logger = logging.getLogger("ckptbus")
@@ -320,6 +321,7 @@ class DynamicCheckpointCallback(TrainerCallback, RunControls):
                 elapsed = round(time.perf_counter() - started, 3)
                 # The Trainer saved synchronously: training was held for the whole save.
                 times = {"seconds": elapsed, "stall_seconds": elapsed, "write_seconds": elapsed}
+                apply_umask_modes(final)  # one mode for every file the Trainer wrote; fsynced below
                 manifest = write_manifest(final, {**runtime.manifest_fields(decision, kind), **times})
                 figures = (manifest.bytes, elapsed, elapsed)
 

@@ -48,6 +48,7 @@ from ckptbus._layout import checkpoint_path, commit, discard, prepare_staging, s
 
 from ..runtime import Runtime
 from .async_writer import HostSnapshot, Snapshot, WriteJob, async_unsupported, plan_writers
+from .errors import apply_umask_modes, describe_write_error
 from .torch_save_crc import torch_save_crc32
 from .writer_process import ProcessWriteJob
 
@@ -158,7 +159,13 @@ class AccelerateSink:
         def write() -> None:
             nonlocal write_started
             write_started = time.perf_counter()
-            save.digests = self._write(decision.kind, save.staging, writes)
+            try:
+                save.digests = self._write(decision.kind, save.staging, writes)
+            except Exception as exc:  # a full disk or a quota is said as such (plugins/saving/errors.py)
+                room = describe_write_error(exc, save.staging)
+                if room is None:
+                    raise
+                raise OSError(room) from exc
 
         for what, stage in (("creating the staging directory", save.prepare), ("writing", write)):
             error = self.runtime.agree(what, stage)
@@ -293,6 +300,7 @@ class AccelerateSink:
         def finish() -> None:
             nonlocal committed_bytes
             if self.is_committer:
+                apply_umask_modes(save.staging)  # one mode for every file, whoever wrote it; fsynced below
 
                 def timings_with_fsync() -> dict[str, float]:
                     now = time.perf_counter()

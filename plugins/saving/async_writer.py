@@ -49,6 +49,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from .errors import describe_write_error
 from .file_writer import DigestingFile, save
 from .torch_save_crc import torch_save_crc32
 
@@ -335,7 +336,7 @@ class WriteJob:
                 self.copied.set()
             self.write()
         except Exception as exc:
-            self.error = f"{type(exc).__name__}: {exc}"
+            self.error = describe_write_error(exc, self.staging) or f"{type(exc).__name__}: {exc}"
         finally:
             self.seconds = time.perf_counter() - started
             self.copied.set()

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .async_writer import Snapshot, WriteJob
+from .errors import describe_write_error
 
 _PR_SET_PDEATHSIG = 1  # prctl(2): a signal for this process when its parent dies
 
@@ -130,7 +131,7 @@ def _child_run(writer: WriteJob, pipe: int) -> None:
         writer.write()
         report = {"digests": writer.digests}
     except BaseException as exc:
-        report = {"error": f"{type(exc).__name__}: {exc}"}
+        report = {"error": describe_write_error(exc, writer.staging) or f"{type(exc).__name__}: {exc}"}
         code = 1
     try:
         data = json.dumps(report).encode()
