@@ -7,8 +7,10 @@ BIN = $(VENV)/bin
 NPROC ?= 2
 CONFIG ?= configs/tiny.yaml
 STAMP = $(VENV)/.installed
+AXOLOTL_VENV ?= .venv-axolotl
+AXOLOTL_STAMP = $(AXOLOTL_VENV)/.installed
 
-.PHONY: setup train train-1 demo test test-wheel test-quick lint bench clean
+.PHONY: setup train train-1 demo test test-wheel test-quick test-axolotl lint bench clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -34,6 +36,20 @@ demo: $(STAMP)  ## train until Ctrl+C and print the commands to try from another
 test: $(STAMP)  ## the whole test suite, then the installed-wheel check (what CI runs)
 	$(BIN)/python -m pytest -n 2
 	PY=$(PY) bash tests/installed_wheel.sh
+
+# axolotl 0.19 (Python 3.11) and its requirements: about 4 GB, 20-25 minutes the first time. torch is pinned in
+# every install: a requirement asking for torch would otherwise pull a CUDA build of several GB. No constraints.txt
+# here: axolotl 0.19 needs older accelerate and transformers than the main set-up pins.
+$(AXOLOTL_STAMP): pyproject.toml setup.py
+	$(PY) -m venv $(AXOLOTL_VENV)
+	$(AXOLOTL_VENV)/bin/pip install --quiet --upgrade pip
+	$(AXOLOTL_VENV)/bin/pip install --quiet torch==2.13.0
+	$(AXOLOTL_VENV)/bin/pip install --quiet torch==2.13.0 axolotl==0.19.0
+	$(AXOLOTL_VENV)/bin/pip install --quiet torch==2.13.0 pytest==9.2.0 pytest-timeout==2.4.0 pytest-xdist==3.8.0 -e '.[axolotl]'
+	touch $(AXOLOTL_STAMP)
+
+test-axolotl: $(AXOLOTL_STAMP)  ## the axolotl plugin with real axolotl, 1 and 2 CPU ranks (sets up .venv-axolotl first)
+	$(AXOLOTL_VENV)/bin/python -m pytest tests/test_axolotl.py -n 0
 
 test-wheel:  ## build the wheel, install it into a fresh virtualenv, run the CLI and a 2-rank training from it
 	PY=$(PY) bash tests/installed_wheel.sh

@@ -82,6 +82,25 @@ class Engine:
         ]
 
 
+class Runs:
+    """The runs of one test (``runs(engine, config=..., name=...)`` starts one); :meth:`close` kills them all."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.runs: list[TrainingRun] = []
+
+    def __call__(
+        self, engine: Engine, *, config: dict[str, Any], name: str, train_args: tuple[str, ...] = ()
+    ) -> TrainingRun:
+        run = TrainingRun(self.workdir, config=config, name=name, env=engine.env)
+        self.runs.append(run)
+        return run.start(engine.command(run, *train_args))
+
+    def close(self) -> None:
+        for run in self.runs:
+            run.kill()
+
+
 # -- reading the weights of a full checkpoint back, with each engine's own tool ------------------------------
 
 

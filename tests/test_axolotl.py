@@ -312,17 +312,18 @@ def test_trigger_request_ctrl_c_then_resume(processes: int, axolotl_run: Callabl
     ]
     assert not (out / "ckptbus.sock").exists()
 
-    # Resume from `latest`: the newest complete full checkpoint (the socket's), not the newer weights one; the
-    # Trainer's own scheduled saves of the steps after it get ckptbus manifests too.
+    # Resume from `latest`: the newest complete full checkpoint (the socket's), not the newer weights one. The
+    # Trainer's own save at the end gets a ckptbus manifest too; its log history goes on from that step.
+    step = by_socket.step
     resumed = axolotl_run(
-        processes, max_steps=by_socket.step + 2, resume_from_checkpoint="latest", save_strategy="steps", save_steps=1
+        processes, max_steps=step + 2, resume_from_checkpoint="latest", save_strategy=None, save_steps=1000
     )
     assert resumed.wait_exit(timeout=900) == 0, resumed.log_tail()
-    assert f"resuming from {by_socket.path} (step {by_socket.step})" in resumed.log(), resumed.log_tail()
-    scheduled = [c for c in list_checkpoints(out) if c.manifest.reason == "schedule"]
-    assert [c.step for c in scheduled] == [by_socket.step + 1, by_socket.step + 2], list_checkpoints(out)
-    state = json.loads((scheduled[-1].path / "trainer_state.json").read_text(encoding="utf-8"))
-    assert state["global_step"] == by_socket.step + 2
+    assert f"resuming from {by_socket.path} (step {step})" in resumed.log(), resumed.log_tail()
+    (last,) = [c for c in list_checkpoints(out) if c.manifest.reason == "schedule"]
+    assert (last.step, last.manifest.kind, last.manifest.world_size) == (step + 2, "full", processes)
+    history = json.loads((last.path / "trainer_state.json").read_text(encoding="utf-8"))["log_history"]
+    assert [e["step"] for e in history if "loss" in e] == list(range(1, step + 3))  # logging_steps: 1
     assert (out / "model.safetensors").exists()  # a run that ends on its own: axolotl's final save as usual
 
 

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from runs import TrainingRun
-from sharded_runs import Engine, Start, deepspeed_weights, on_demand_then_exact_resume
+from sharded_runs import Engine, Runs, Start, deepspeed_weights, on_demand_then_exact_resume
 
 pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make setup installs it)")
 
@@ -45,17 +43,10 @@ def zero(stage: int) -> Engine:
 
 
 @pytest.fixture
-def start(tmp_path: Path) -> Iterator[Start]:
-    runs: list[TrainingRun] = []
-
-    def launch(engine: Engine, *, config: dict[str, Any], name: str, train_args: tuple[str, ...] = ()) -> TrainingRun:
-        run = TrainingRun(tmp_path, config=config, name=name, env=engine.env)
-        runs.append(run)
-        return run.start(engine.command(run, *train_args))
-
-    yield launch
-    for run in runs:
-        run.kill()
+def start(tmp_path: Path) -> Iterator[Runs]:
+    runs = Runs(tmp_path)
+    yield runs
+    runs.close()
 
 
 @pytest.mark.parametrize("stage", [2, 3])

@@ -127,7 +127,8 @@ class _AxolotlsLogRule(logging.Filter):
     """ckptbus's records under axolotl's rule for its own (``AXOLOTL_LOG_LEVEL``, INFO by default), not the one
     for other libraries (``LOG_LEVEL``, WARNING by default): a saved checkpoint or a resume is this run's news.
 
-    axolotl's console handler picks the rule by the logger's name, so the record travels under ``axolotl.ckptbus``.
+    axolotl picks the rule by the logger's name, in a filter on its console handler and one on every logger
+    created after its logging set-up ("ckptbus" included), so the record travels under ``axolotl.ckptbus``.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -137,7 +138,7 @@ class _AxolotlsLogRule(logging.Filter):
 
 def _log_as_axolotls() -> None:
     if not any(isinstance(f, _AxolotlsLogRule) for f in logger.filters):
-        logger.addFilter(_AxolotlsLogRule())
+        logger.filters.insert(0, _AxolotlsLogRule())  # first: before axolotl's own filter on this logger judges
 
 
 class AxolotlCheckpointCallback(DynamicCheckpointCallback):
@@ -160,7 +161,9 @@ class AxolotlCheckpointCallback(DynamicCheckpointCallback):
         current = signal.getsignal(signal.SIGINT)
         if not _is_axolotls(current):
             return
-        signal.signal(signal.SIGINT, self._sigint_before)
+        before = self._sigint_before
+        # None: a handler installed outside Python, which cannot be put back; Python's own takes its place.
+        signal.signal(signal.SIGINT, signal.default_int_handler if before is None else before)
         logger.info("ckptbus: Ctrl+C is handled by ckptbus (axolotl's own SIGINT handler is not called)")
 
 

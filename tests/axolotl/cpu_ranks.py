@@ -12,6 +12,12 @@ The hook is ``load_datasets``: the first one axolotl calls with the
 normalized config, before the model loader reads ``device_map``
 (``pre_model_load`` comes too late for that). Returning None leaves the
 datasets to axolotl.
+
+A resume on several CPU ranks meets a bug of transformers 5.16 (the release
+axolotl 0.19 requires; fixed in later ones): it loads the optimizer state
+with ``map_location`` the rank's device, which accelerate gives as the
+indexed ``cpu:0`` that ``torch.load`` cannot restore. ``post_trainer_create``
+gives the Trainer's arguments the plain ``cpu`` instead.
 """
 
 from __future__ import annotations
@@ -26,3 +32,8 @@ class CpuRanks(BasePlugin):  # type: ignore[misc]
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
         if not torch.cuda.is_available():
             cfg.device_map = {"": "cpu"}
+
+    def post_trainer_create(self, cfg: Any, trainer: Any) -> None:
+        device = trainer.args.device
+        if device.type == "cpu" and device.index is not None:
+            trainer.args.__dict__["_setup_devices"] = torch.device("cpu")  # the cached value behind args.device
