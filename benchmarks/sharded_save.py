@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -64,7 +65,8 @@ def launch(engine: str, args: argparse.Namespace, part: Path) -> dict[str, Any]:
     on_gpus = torch.cuda.is_available()
     launcher = [*ENGINES[engine], *(FSDP_WRAP if engine.startswith("fsdp") else [])]
     # Without GPUs, DeepSpeed needs its CPU settings and FSDP the test-only shim (tests/scripts/cpu_ranks.py).
-    wrapper = [] if on_gpus or engine == "ddp" else [str(CPU_RANKS), "fsdp" if engine.startswith("fsdp") else "deepspeed"]
+    cpu_ranks = "fsdp" if engine.startswith("fsdp") else "deepspeed"
+    wrapper = [] if on_gpus or engine == "ddp" else [str(CPU_RANKS), cpu_ranks]
     command = [
         str(Path(sys.executable).parent / "accelerate"),
         "launch",
@@ -91,7 +93,15 @@ def launch(engine: str, args: argparse.Namespace, part: Path) -> dict[str, Any]:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "ACCELERATE_DISABLE_RICH": "1"}
     print("$", " ".join(command), flush=True)
-    subprocess.run(command, env=env, check=True)
+    # A session of its own, so that a run past its time is killed with its ranks (torchrun's own groups too).
+    with subprocess.Popen(command, env=env, start_new_session=True) as proc:
+        try:
+            code = proc.wait(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise SystemExit(f"{engine}: no result within {args.timeout} s") from None
+    if code:
+        raise SystemExit(f"{engine}: the launch exited with status {code}")
     result: dict[str, Any] = json.loads(part.read_text())
     part.unlink()
     return result
@@ -201,7 +211,7 @@ def work(args: argparse.Namespace) -> None:
 
         def run(round_index: int) -> None:
             done.clear()
-            ckpt.request(kind)  # type: ignore[arg-type]
+            ckpt.request(kind)
             held = 0.0
             while not done:  # decided at the next step(); an async save is committed at a later one
                 train_step()
@@ -265,13 +275,20 @@ def dcp_arms(
     slowest: Callable[[float], float],
 ) -> dict[str, Callable[[int], None]]:
     """``dcp save`` and ``dcp async_save`` of the model and optimizer state that accelerate's FSDP2 save writes."""
+    from concurrent.futures import Future
+
     import torch
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import async_save, save
 
     # The writer thread of async_save runs DCP's planning collectives; on the training's own group they would
     # interleave with the training's collectives. A gloo group of its own keeps them apart.
     group = torch.distributed.new_group(backend="gloo")
+
+    def running_anywhere(running: bool) -> bool:
+        flag = torch.tensor([int(running)])
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
 
     def state() -> dict[str, Any]:
         model_state, optimizer_state = get_state_dict(prepared[0], prepared[1])
@@ -280,7 +297,7 @@ def dcp_arms(
     def sync(round_index: int) -> None:
         accelerator.wait_for_everyone()
         start = time.perf_counter()
-        dcp.save(state(), checkpoint_id=str(root / f"dcp-{round_index}"), process_group=group)
+        save(state(), checkpoint_id=str(root / f"dcp-{round_index}"), process_group=group)
         stall["dcp save"].append(slowest(time.perf_counter() - start))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -289,9 +306,12 @@ def dcp_arms(
     def asynchronous(round_index: int) -> None:
         accelerator.wait_for_everyone()
         start = time.perf_counter()
-        future = dcp.async_save(state(), checkpoint_id=str(root / f"dcp-async-{round_index}"), process_group=group)
+        future = async_save(state(), checkpoint_id=str(root / f"dcp-async-{round_index}"), process_group=group)
+        assert isinstance(future, Future)  # (the default stager: a future of the upload, not a staging response)
         stall["dcp async_save"].append(slowest(time.perf_counter() - start))
-        while not future.done():  # training goes on while the writer thread writes
+        # Training goes on while the writer thread writes. Every rank must run the same steps (each one is a
+        # collective), so the ranks agree each step whether every writer is done.
+        while running_anywhere(not future.done()):
             train_step()
         future.result()
         stall.setdefault("dcp async total", []).append(slowest(time.perf_counter() - start))
@@ -311,6 +331,7 @@ def main() -> None:
     parser.add_argument("--n-embd", type=int, default=768)
     parser.add_argument("--dir", default=str(REPO / "outputs" / "bench-sharded-save"), help="where the saves go")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sharded_save.json"))
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds one engine may take")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     args = parser.parse_args()

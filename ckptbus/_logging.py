@@ -11,9 +11,10 @@ logger (``"ckptbus"``) a handler of its own:
   there instead (they propagate), never twice;
 - it writes through ``tqdm.write`` when tqdm is loaded, so a line never
   lands in the middle of a progress bar;
-- on ranks other than the main process the logger's level is WARNING, so an
-  INFO line appears once per run; warnings and errors, which are about the
-  rank that logs them, appear from every rank.
+- on every process but the first of each machine (local rank 0) the
+  logger's level is WARNING, so an INFO line appears once per machine (once
+  per run on one machine, once in each machine's log on several); warnings
+  and errors, which are about the rank that logs them, appear from every rank.
 
 ``CKPTBUS_LOG_LEVEL`` (``DEBUG``, ``INFO``, ``WARNING``, ``ERROR``) sets the
 level on every rank. A level set on the ``"ckptbus"`` logger by the program
@@ -55,15 +56,15 @@ class _DefaultHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
 
 
-def set_up(rank: int | None = None) -> None:
-    """Give the ``ckptbus`` logger its default handler (once) and the level for ``rank`` (see the module docs).
+def set_up(local_rank: int | None = None) -> None:
+    """Give the ``ckptbus`` logger its default handler (once) and the level for ``local_rank`` (module docs).
 
-    ``rank`` None: taken from the launcher's ``RANK`` variable (0 without one).
+    ``local_rank`` None: taken from the launcher's ``LOCAL_RANK`` variable (0 without one).
     """
     if not any(isinstance(h, _DefaultHandler) for h in logger.handlers):
         logger.addHandler(_DefaultHandler())
-    if rank is None:
-        rank = int(os.environ.get("RANK", "0") or 0)
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     wanted = os.environ.get(LOG_LEVEL_ENV, "").strip().upper()
     if wanted:
         if wanted not in _LEVELS:
@@ -71,6 +72,6 @@ def set_up(rank: int | None = None) -> None:
             wanted = "INFO"
         logger.setLevel(wanted)
     elif logger.level == logging.NOTSET or (_ours and logger.level == _ours[-1]):
-        level = logging.INFO if rank == 0 else logging.WARNING
+        level = logging.INFO if local_rank == 0 else logging.WARNING
         logger.setLevel(level)
         _ours[:] = [level]

@@ -143,7 +143,7 @@ class Runtime:
         self.exchange = exchange
         self.rank = rank
         self.world_size = exchange.world_size
-        set_up_logging(rank)
+        set_up_logging(local_rank)
         self.last_step = step
         self.stopped = False
         self._stop_signum = 0

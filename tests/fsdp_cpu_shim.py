@@ -46,4 +46,4 @@ def install() -> None:
     """Make ``from accelerate import Accelerator`` give :class:`FsdpOnCpuRanks` (before the script imports it)."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         raise RuntimeError("the FSDP CPU shim needs accelerate launch's FSDP settings (ACCELERATE_USE_FSDP=true)")
-    accelerate.Accelerator = FsdpOnCpuRanks  # type: ignore[misc]
+    accelerate.Accelerator = FsdpOnCpuRanks

@@ -24,18 +24,18 @@ def run(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_info_lines_appear_without_any_logging_set_up_on_the_main_process_only() -> None:
+def test_info_lines_appear_without_any_logging_set_up_from_the_first_process_of_a_machine_only() -> None:
     code = """
         import logging
         from ckptbus._logging import set_up
-        set_up()  # the rank from the launcher's RANK variable
+        set_up()  # the rank on this machine from the launcher's LOCAL_RANK variable
         log = logging.getLogger("ckptbus")
         log.info("ckptbus: saved full checkpoint X")
         log.warning("ckptbus: rank trouble")
     """
     main = run(code)
     assert main.stderr.splitlines() == ["ckptbus: saved full checkpoint X", "ckptbus: rank trouble"], main.stderr
-    other = run(code, RANK="1")
+    other = run(code, LOCAL_RANK="1")
     assert other.stderr.splitlines() == ["ckptbus: rank trouble"], other.stderr
 
 

@@ -176,10 +176,8 @@ class SignalTrigger:
                 kind=plan.kind, reason=f"signal:{name}", exit_after=plan.exit_after, requested_at=at
             )
             self._waiting[request.request_id] = (name, at)
-            # From the main process as a warning; from the others at INFO (shown with CKPTBUS_LOG_LEVEL=INFO), so
-            # that a Ctrl+C the launcher forwarded to every rank gives one line, not one per rank.
-            logger.log(
-                logging.WARNING if self._main else logging.INFO,
+            # Every rank that got the signal says so (it names the pid): a signal may reach one rank only.
+            logger.warning(
                 "ckptbus: %s received (pid %d); every rank saves a %s checkpoint at step %d or %d%s",
                 name,
                 os.getpid(),

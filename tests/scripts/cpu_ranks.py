@@ -29,7 +29,7 @@ TESTS = Path(__file__).resolve().parent.parent
 def use_deepspeed_on_cpu() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import accelerate
-    import deepspeed.ops
+    import deepspeed.ops  # type: ignore[import-untyped]
     from accelerate.utils import InitProcessGroupKwargs
 
     # At its first init_distributed on CPU, DeepSpeed compiles a C++ shared-memory all-reduce (for CPU inference)
@@ -44,7 +44,7 @@ def use_deepspeed_on_cpu() -> None:
             handlers = [*(kwargs.pop("kwargs_handlers", None) or []), InitProcessGroupKwargs(backend="gloo")]
             super().__init__(*args, kwargs_handlers=handlers, **kwargs)
 
-    accelerate.Accelerator = DeepSpeedOnCpuRanks  # type: ignore[misc]
+    accelerate.Accelerator = DeepSpeedOnCpuRanks
 
 
 def use_fsdp_on_cpu() -> None:
