@@ -11,7 +11,7 @@ shards the model with FSDP2's ``fully_shard`` over a CPU mesh, and
 sharded ``.distcp`` files, or the full state dict), which is what the
 ckptbus tests need to check. Training speed, mixed precision and CPU
 offload are out of its scope. A real FSDP run needs GPUs:
-tests/manual/sharded_gpu_smoke.sh checks it there.
+tests/manual/sharded_gpu_check.py checks it there.
 """
 
 from __future__ import annotations

@@ -11,15 +11,20 @@ ZeRO-3's partitioned weights.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sharded_runs import ZERO3_GATHERED, Runs, on_demand_then_exact_resume, zero
 
-pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make setup installs it)")
-
-pytestmark = pytest.mark.slow
+# Looked up, not imported: importing DeepSpeed takes seconds, and collection runs for every pytest run.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed (make setup installs it)"
+    ),
+]
 
 
 @pytest.fixture

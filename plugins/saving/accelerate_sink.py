@@ -50,6 +50,7 @@ from ..runtime import Runtime
 from .async_writer import HostSnapshot, Snapshot, WriteJob, async_unsupported, plan_writers
 from .errors import apply_umask_modes, describe_write_error
 from .torch_save_crc import torch_save_crc32
+from .weights import save_weights
 from .writer_process import ProcessWriteJob
 
 logger = logging.getLogger("ckptbus")
@@ -347,10 +348,7 @@ class AccelerateSink:
             with torch_save_crc32(self.torch_save_crc32):  # see plugins/saving/torch_save_crc.py
                 self.accelerator.save_state(str(staging))
             return {}
-        model = self.model()
-        self.accelerator.save_model(model, str(staging), safe_serialization=True)
-        if self.is_committer:
-            self._save_model_config(model, staging)
+        save_weights(self.accelerator, self.model(), staging, is_committer=self.is_committer)
         return {}
 
     def _writes(self) -> set[str] | None:
@@ -376,9 +374,3 @@ class AccelerateSink:
             logger.warning("ckptbus: the ranks hold different state sizes; the main process writes the shared files")
             return set(sizes) if rank == 0 else set()
         return {name for name, writer in plan.items() if writer == rank}
-
-    def _save_model_config(self, model: torch.nn.Module, staging: Path) -> None:
-        """Write config.json beside the weights so ``from_pretrained(checkpoint)`` works."""
-        config = getattr(self.accelerator.unwrap_model(model), "config", None)
-        if config is not None and callable(getattr(config, "save_pretrained", None)):
-            config.save_pretrained(str(staging))

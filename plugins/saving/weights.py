@@ -5,10 +5,10 @@ ZeRO-1/2. Under ZeRO-3 it gathers them only when the DeepSpeed config has
 ``stage3_gather_16bit_weights_on_model_save`` (accelerate's
 ``zero3_save_16bit_model``), which is off by default; otherwise it raises
 "Cannot get 16bit model weights", and a Ctrl+C (whose save is a weights
-checkpoint) would end the run with nothing saved. Then the weights are
-gathered all the same, the way that setting gathers them: DeepSpeed's
-consolidation, one layer at a time onto rank 0 and into host memory, the
-parameters in the dtype they train in. The files are those the setting
+checkpoint) would end the run with nothing saved. ckptbus gathers them all
+the same, the way that setting does: DeepSpeed's consolidation, one layer at
+a time onto rank 0 and into host memory, the parameters in the dtype they
+train in. The files are those the setting
 would give (``model.safetensors``, sharded if large), and the main process
 logs how the weights were gathered.
 """
