@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml setup.py constraints.txt
 	# torch would download a CUDA build of several GB.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	# DeepSpeed, for its tests on CPU ranks: a source package whose build imports torch, so it is built against the
+	# torch above without build isolation (isolation would fetch another torch, a CUDA build of several GB).
+	$(BIN)/pip install --quiet -c constraints.txt --no-build-isolation setuptools wheel deepspeed==0.19.8
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv with the CPU build of torch and everything else
