@@ -8,9 +8,8 @@ ZeRO-1/2. Under ZeRO-3 it gathers them only when the DeepSpeed config has
 checkpoint) would end the run with nothing saved. ckptbus gathers them all
 the same, the way that setting does: DeepSpeed's consolidation, one layer at
 a time onto rank 0 and into host memory, the parameters in the dtype they
-train in. The files are those the setting
-would give (``model.safetensors``, sharded if large), and the main process
-logs how the weights were gathered.
+train in. The files are those the setting would give (``model.safetensors``,
+sharded if large), and the main process logs how the weights were gathered.
 """
 
 from __future__ import annotations
