@@ -29,7 +29,7 @@ from ckptbus.plugins.sources.socket_requests import Admitted, SocketRequests
 from ckptbus.plugins.sources.unix_socket import UnixSocketTrigger
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from procs import fd_count, thread_count
+from procs import fd_count, thread_count, wait_for
 from runs import DEFAULT_TIMEOUT, TrainingRun
 from socket_client import raw_exchange, reply_lines
 
@@ -45,17 +45,6 @@ from ckptbus._socket_path import (
     read_pointer,
 )
 from ckptbus._source import RunInfo
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def server_threads() -> list[threading.Thread]:
@@ -82,7 +71,7 @@ class Served:
         return path
 
     def wait_requests(self, n: int) -> list[SaveRequested]:
-        return list(wait_until(lambda: len(self.requests) >= n and self.requests, f"{n} request(s)"))
+        return list(wait_for(lambda: len(self.requests) >= n and self.requests, f"{n} request(s)"))
 
     def complete(self, request: SaveRequested, step: int = 7) -> str:
         path = str(self.output_dir / f"checkpoint-{step}")
@@ -153,7 +142,7 @@ def test_save_waits_for_the_outcome(serve: Callable[..., Served]) -> None:
     client.start()
     (request,) = served.wait_requests(1)
     assert (request.kind, request.reason, request.label) == ("full", "socket", "x")
-    wait_until(lambda: replies, "the queued reply")
+    wait_for(lambda: replies, "the queued reply")
     assert replies[0]["state"] == "queued" and replies[0]["request_id"] == request.request_id
     assert client.is_alive(), "the client must wait for the save"
     path = served.complete(request)
@@ -197,8 +186,8 @@ def test_requests_while_one_is_pending_share_its_save(serve: Callable[..., Serve
     threads = [threading.Thread(target=ask, args=(r,)) for r in others]
     for t in threads:
         t.start()
-    wait_until(lambda: served.status()["socket_requests"] and len(results) >= 1, "the no-wait reply")
-    wait_until(lambda: sum(r["waiting"] for r in served.status()["socket_requests"]) == 4, "4 waiting clients")
+    wait_for(lambda: served.status()["socket_requests"] and len(results) >= 1, "the no-wait reply")
+    wait_for(lambda: sum(r["waiting"] for r in served.status()["socket_requests"]) == 4, "4 waiting clients")
     assert len(served.requests) == 2 and served.requests[1].label == "b"
     path = served.complete(request)
     served.complete(served.requests[1], step=8)
@@ -231,7 +220,7 @@ def test_close_answers_waiting_clients(serve: Callable[..., Served]) -> None:
     client = threading.Thread(target=lambda: replies.extend(call(served.path, SaveRequest(), timeout=20)))
     client.start()
     served.wait_requests(1)
-    wait_until(lambda: replies, "the queued reply")
+    wait_for(lambda: replies, "the queued reply")
     served.trigger.close()
     client.join(10)
     assert replies[-1]["error"]["code"] == "shutting_down"
@@ -244,7 +233,7 @@ def test_client_that_leaves_before_its_reply(serve: Callable[..., Served]) -> No
         sock.connect(str(served.path))
         sock.sendall(b'{"op": "save"}\n')
         assert json.loads(sock.makefile("rb").readline())["state"] == "queued"
-    wait_until(lambda: served.status()["socket_clients"] == 1, "the server to notice")  # only the status client
+    wait_for(lambda: served.status()["socket_clients"] == 1, "the server to notice")  # only the status client
     served.complete(served.requests[0])
     assert served.status()["socket_requests"] == []
 
@@ -445,7 +434,7 @@ def test_flood_of_clients_is_bounded(serve: Callable[..., Served]) -> None:
     codes = [r["error"]["code"] for r in replies if not r["ok"]]
     assert "busy" in codes and "timeout" in codes
     assert threading.active_count() == threads
-    wait_until(lambda: served.status()["socket_clients"] == 1, "every flood connection closed")
+    wait_for(lambda: served.status()["socket_clients"] == 1, "every flood connection closed")
     assert served.status()["step"] == 7
 
 
