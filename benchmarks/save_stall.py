@@ -129,6 +129,37 @@ def sync_and_async_arms(
     return ckpts, completed
 
 
+class Training:
+    """The model every save benchmark saves: a GPT-2 with AdamW's state, prepared, and one training step on it.
+
+    ``prepared`` holds the model and optimizer; the benchmark clears it before the process group ends (as
+    train.py drops its DDP model first: a Reducer freed after the group can hang gloo at exit).
+    """
+
+    def __init__(self, accelerator: Accelerator, n_layer: int, n_embd: int) -> None:
+        cfg = TrainConfig(
+            seed=0,
+            micro_batch_size=1,
+            sequence_len=16,
+            dataset_size=8,
+            model=ModelConfig(n_layer=n_layer, n_head=12, n_embd=n_embd, vocab_size=256),
+        )
+        model = make_model(cfg)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        self.accelerator = accelerator
+        self.batch = make_data(cfg).tensors[0][:1].to(accelerator.device)
+        self.parameters = sum(p.numel() for p in model.parameters())
+        self.prepared: list[Any] = [model, optimizer]
+
+    def step(self) -> None:
+        model, optimizer = self.prepared
+        loss = model(input_ids=self.batch, labels=self.batch).loss
+        self.accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=4)
@@ -140,29 +171,8 @@ def main() -> None:
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator.is_main_process
-    cfg = TrainConfig(
-        seed=0,
-        micro_batch_size=1,
-        sequence_len=16,
-        dataset_size=8,
-        model=ModelConfig(n_layer=args.n_layer, n_head=12, n_embd=args.n_embd, vocab_size=256),
-    )
-    model = make_model(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    batch = make_data(cfg).tensors[0][:1].to(accelerator.device)
-
-    parameters = sum(p.numel() for p in model.parameters())
-    # Held in a list the closures read, so that the end can drop the DDP model before the process group (as
-    # train.py does: a Reducer freed after it can hang gloo at exit).
-    prepared: list[Any] = [model, optimizer]
-    del model, optimizer
-
-    def train_step() -> None:
-        loss = prepared[0](input_ids=batch, labels=batch).loss
-        accelerator.backward(loss)
-        prepared[1].step()
-        prepared[1].zero_grad()
+    training = Training(accelerator, args.n_layer, args.n_embd)
+    train_step, parameters, prepared = training.step, training.parameters, training.prepared
 
     for _ in range(3):  # warm-up, and AdamW's state exists from here on
         train_step()

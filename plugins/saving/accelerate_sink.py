@@ -126,6 +126,8 @@ class AccelerateSink:
         self.digests: Literal["written", "read back", "none"] = "written"
         """How the manifest's digests are taken: as each file is written (files ckptbus did not write itself are
         read back by the committer); or all read back; or none. Only benchmarks change it, to measure it."""
+        self.hash_wait_seconds = 0.0
+        """How long synchronous saves waited for their digests, in all (a diagnostic the benchmarks read)."""
 
     def has_cuda_state(self) -> bool:
         """Whether a model of the run holds CUDA tensors (a forked writer cannot read them)."""
@@ -342,7 +344,10 @@ class AccelerateSink:
         if kind == "full" and writes is not None:
             snapshot = self._snapshot.take(self.accelerator, writes=writes, copy=False)
             job = WriteJob(snapshot, staging, torch_save_crc32=self.torch_save_crc32, digest=self.digests == "written")
-            job.write()
+            try:
+                job.write()
+            finally:
+                self.hash_wait_seconds += job.hash_wait_seconds
             return job.digests
         if kind == "full":  # a run ckptbus cannot write itself (DeepSpeed, FSDP, a save_state pre-hook)
             with torch_save_crc32(self.torch_save_crc32):  # see plugins/saving/torch_save_crc.py

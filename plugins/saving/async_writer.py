@@ -307,6 +307,8 @@ class WriteJob:
         self.seconds = 0.0
         self.digests: dict[str, str] = {}
         """The digest of each file written so far (file name -> ``xxh3_128:...``)."""
+        self.hash_wait_seconds = 0.0
+        """Time the writing thread waited for digests (``DigestingFile.hash_wait_seconds``, summed)."""
         self.copied = threading.Event()
         """Set once the deferred copies are made (or failed): the state may change from then on."""
         self.done = threading.Event()
@@ -359,5 +361,6 @@ class WriteJob:
                     out.close(fsync=False)
                     raise
                 out.close()
+                self.hash_wait_seconds += out.hash_wait_seconds
                 if self.digest:
                     self.digests[name] = out.digester.value()

@@ -1,0 +1,170 @@
+"""What content digests add to a synchronous full save, side by side in one run, many rounds.
+
+Run under the launcher, 2 ranks over gloo:
+
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/digest_cost.py --rounds 21
+
+The model of benchmarks/save_stall.py (a GPT-2 of about 42M parameters with
+AdamW's state, about 513 MB) is saved synchronously by two arms, in
+alternating order (ABBA) so that drift on a shared machine hits both alike:
+
+- ``digests``: a ckptbus full save as it runs by default: the files spread
+  over the ranks, each hashed (XXH3-128) as it is written, by a helper thread
+  that goes on through the fsync;
+- ``no digests``: the same save with no hashing at all.
+
+Figures (round 0, which warms the page cache, left out):
+
+- ``digests_cost_over_sync``: the median over rounds of the per-round ratio
+  digests / no digests, minus 1 (target <= 0.02), with its 95% bootstrap
+  interval: on these machines a single save varies by tens of percent, so
+  the interval says what the run can resolve;
+- ``hash_wait_over_sync``: the time the writing thread waited for the hash
+  (hashing small writes inline, waiting for the helper at the end of a large
+  write that cannot be hashed later, and at ``close`` after the fsync),
+  slowest rank, over the digest-free save's time. It is measured inside the
+  save, so machine noise hardly touches it: it is what the digests cost when
+  a core is free for the helper. On a machine with no free core (2 ranks on
+  2 cores here) the helper also takes CPU time from the writes, which only
+  the first figure sees.
+
+Results go to benchmarks/results/digest_cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from ckptbus.plugins import DynamicCheckpoint
+from save_stall import REPO, Training, ckpt_config  # benchmarks/ is on sys.path: this file runs as a script
+
+from ckptbus import SaveCompleted, list_checkpoints
+from ckptbus._layout import withdraw
+
+ARMS = ("digests", "no digests")
+
+
+def interval_of_median_ratio(ratios: list[float], resamples: int = 2000) -> list[float]:
+    """95% bootstrap interval of the median of per-round ratios (fixed seed)."""
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--n-layer", type=int, default=6)
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--dir", default=str(REPO / "outputs" / "bench-digest-cost"), help="where the saves go")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "digest_cost.json"))
+    args = parser.parse_args()
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    main_process = accelerator.is_main_process
+    training = Training(accelerator, args.n_layer, args.n_embd)
+    for _ in range(3):  # warm-up, and AdamW's state exists from here on
+        training.step()
+
+    root = Path(args.dir)
+    if main_process:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    ckpts: dict[str, DynamicCheckpoint] = {}
+    completed: dict[str, list[SaveCompleted]] = {}
+    for arm in ARMS:
+        ckpts[arm] = DynamicCheckpoint(accelerator, ckpt_config(root / arm.replace(" ", "_"), False))
+        ckpts[arm]._sink.digests = "written" if arm == "digests" else "none"
+        completed[arm] = []
+        ckpts[arm].bus.subscribe("save_completed", completed[arm].append)
+    steps = dict.fromkeys(ARMS, 0)
+    held: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    hash_wait: list[float] = []
+    checkpoint_bytes: list[int] = []
+
+    def max_over_ranks(seconds: float) -> float:
+        if accelerator.num_processes == 1:
+            return seconds
+        t = torch.tensor([seconds], dtype=torch.float64)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t.item())
+
+    def save(arm: str) -> None:
+        ckpt, done = ckpts[arm], completed[arm]
+        done.clear()
+        ckpt.request("full")
+        waited_before = ckpt._sink.hash_wait_seconds
+        seconds = 0.0
+        while not done:  # decided and written at the next step()
+            training.step()
+            steps[arm] += 1
+            accelerator.wait_for_everyone()
+            start = time.perf_counter()
+            ckpt.step(steps[arm])
+            seconds += time.perf_counter() - start
+        held[arm].append(max_over_ranks(seconds))
+        if arm == "digests":
+            hash_wait.append(max_over_ranks(ckpt._sink.hash_wait_seconds - waited_before))
+            checkpoint_bytes.append(done[0].bytes)
+        accelerator.wait_for_everyone()
+        if main_process:
+            for info in list_checkpoints(ckpt.output_dir):
+                withdraw(info.path)
+
+    for round_index in range(args.rounds):
+        for arm in ARMS if round_index % 2 == 0 else ARMS[::-1]:
+            save(arm)
+
+    for ckpt in ckpts.values():
+        ckpt.close()
+    if main_process:
+        kept = slice(1, None) if args.rounds > 1 else slice(None)
+        ratios = [a / b for a, b in zip(held["digests"][kept], held["no digests"][kept], strict=True)]
+        no_digests = statistics.median(held["no digests"][kept])
+        result: dict[str, Any] = {
+            "command": "accelerate launch --multi_gpu --num_processes 2 benchmarks/digest_cost.py "
+            f"--rounds {args.rounds}",
+            "device": str(accelerator.device),
+            "world_size": accelerator.num_processes,
+            "parameters": training.parameters,
+            "checkpoint_bytes": statistics.median(checkpoint_bytes),
+            "rounds": args.rounds,
+            "median_seconds_after_round_0": {arm: statistics.median(v[kept]) for arm, v in held.items()},
+            "digests_cost_over_sync": statistics.median(ratios) - 1,
+            "digests_cost_interval_95": [r - 1 for r in interval_of_median_ratio(ratios)],
+            "digests_cost_target": 0.02,
+            "hash_wait_over_sync": statistics.median(hash_wait[kept]) / no_digests,
+            "hash_wait_median_seconds": statistics.median(hash_wait[kept]),
+            "samples_seconds": held,
+            "hash_wait_samples_seconds": hash_wait,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        keys = (
+            "median_seconds_after_round_0",
+            "digests_cost_over_sync",
+            "digests_cost_interval_95",
+            "hash_wait_over_sync",
+            "hash_wait_median_seconds",
+        )
+        print(json.dumps({k: result[k] for k in keys}, indent=2))
+        shutil.rmtree(root, ignore_errors=True)
+    training.prepared.clear()
+    accelerator.free_memory()
+    accelerator.end_training()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
