@@ -2,7 +2,7 @@
 
 Run under the launcher, 2 ranks over gloo:
 
-    accelerate launch --multi_gpu --num_processes 2 benchmarks/digest_cost.py --rounds 21
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/digest_cost.py --rounds 41
 
 The model of benchmarks/save_stall.py (a GPT-2 of about 42M parameters with
 AdamW's state, about 513 MB) is saved synchronously by two arms, in
@@ -62,7 +62,7 @@ def interval_of_median_ratio(ratios: list[float], resamples: int = 2000) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--rounds", type=int, default=41)
     parser.add_argument("--n-layer", type=int, default=6)
     parser.add_argument("--n-embd", type=int, default=768)
     parser.add_argument("--dir", default=str(REPO / "outputs" / "bench-digest-cost"), help="where the saves go")

@@ -30,6 +30,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("CLI start-up", [sys.executable, str(HERE / "cli_startup.py")]),
     ("latency: trigger file and ckptbus request", [sys.executable, str(HERE / "latency.py")]),
     ("full save: async stall vs save_state, sync fsync vs dd", launch("save_stall.py")),
+    ("content digests: a synchronous save with and without them", launch("digest_cost.py")),
     ("scale: save time, stall and bytes by model size and world size", [sys.executable, str(HERE / "scale.py")]),
 ]
 

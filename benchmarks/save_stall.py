@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -298,6 +299,10 @@ def main() -> None:
         if not extra["sync_bytes"]:  # dd needs the size of a sync checkpoint
             order = (*(a for a in order if not a.startswith("dd")), "dd", "dd 2 streams")
         for arm in order:
+            # Every arm starts with no dirty pages: save_state does not fsync, and the writeback of its 500 MB
+            # would otherwise land in the fsyncs of whichever arm comes next (in this rotation, always the same).
+            os.sync()
+            accelerator.wait_for_everyone()
             if arm == "save_state":
                 run_save_state(round_index)
             elif arm.startswith("dd"):

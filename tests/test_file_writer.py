@@ -1,8 +1,9 @@
 """The digest a :class:`DigestingFile` records is of the bytes it wrote, whichever way each write was hashed.
 
-The hash runs on a helper thread, after ``write`` returned for memory that
-stays as it is until ``close`` (bytes objects, the storage of the CPU tensors
-of the object being saved), during the write for anything else. These tests
+The hash runs on a helper thread: during the fsync at ``close`` for memory
+that stays as it is until then (bytes objects, the storage of the CPU
+tensors of the object being saved), alongside the write for any other large
+buffer, at once or copied into the queue for small ones. These tests
 write real files and compare the recorded digest with one read back from
 disk; the ones that change a buffer right after ``write`` returned fail if a
 buffer that may be freed or reused were hashed late.
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from ckptbus.plugins.saving.file_writer import _OVERLAP_BYTES, DigestingFile, save
 from safetensors.torch import load_file
 
 from ckptbus._digest import digest_file
-from ckptbus.plugins.saving.file_writer import _OVERLAP_BYTES, DigestingFile, save
 
 LARGE = 2 * _OVERLAP_BYTES // 4  # float32 elements: twice the size from which writes go to the helper
 

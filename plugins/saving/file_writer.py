@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,22 +41,27 @@ _OVERLAP_BYTES = 4 << 20
 class DigestingFile:
     """A binary file open for writing whose every byte also goes into a :class:`~ckptbus._digest.Digester`.
 
-    The hash runs on a helper thread so that it costs a save no wall time
-    (hashed inline it added a third to a synchronous save, measured): a
-    write mostly waits for the kernel, the fsync at :meth:`close` entirely.
-    Updates reach the digest in file order (one helper, first in first out),
-    and :meth:`close` returns once every byte is hashed. What the helper may
-    read after ``write`` returned:
+    Why the hash waits for the fsync: hashed inline, in ``write``, it added a
+    third to a synchronous save's wall time here; on a helper thread that
+    runs alongside the writes, still an eighth where the ranks have no spare
+    core (2 ranks on 2 cores: the helper takes its CPU from the writes). The
+    fsync at :meth:`close` leaves the writing thread's core idle for longer
+    than the hash takes on any disk (the hash runs at several GB/s a core),
+    so the bytes are hashed then, on a helper thread, and ``close`` returns
+    once every byte is hashed. Updates reach the digest in file order.
 
-    - an immutable ``bytes`` object: the queued update holds it;
+    What may be hashed after ``write`` returned is only memory known to stay
+    as it is until ``close``:
+
+    - an immutable ``bytes`` object (the queue holds it);
     - the storage of a CPU tensor of the object being saved (announced with
       :meth:`keeps`): ``torch.save`` writes those from the tensors' own
       memory, which the caller keeps alive and unchanged until ``close``.
 
     Any other large buffer (``torch.save``'s temporary host copy of a GPU
-    tensor, freed once written) is hashed alongside its write, and ``write``
-    waits for that hash before it returns; small ones (zip headers, pickles)
-    are copied into the queue.
+    tensor, freed once written) is hashed on the helper alongside its write,
+    and ``write`` returns once that hash is done; small ones (zip headers,
+    pickles) are copied into the queue, or hashed at once if it is empty.
     """
 
     def __init__(self, path: Path, *, digest: bool = True) -> None:
@@ -65,9 +70,11 @@ class DigestingFile:
         self._file = open(path, "wb")  # noqa: SIM115 (closed by close(), after the fsync)
         self.digester = Digester()
         self.size = 0
+        self._queued: list[memoryview] = []
+        """Bytes written and not hashed yet, in file order; each stays readable until close()."""
+        self._kept: list[tuple[int, int]] = []
         self._hasher: ThreadPoolExecutor | None = None
         self._hashes: list[Future[None]] = []
-        self._kept: list[tuple[int, int]] = []
         self.hash_wait_seconds = 0.0
         """Time the writing thread spent hashing or waiting for the helper: what digests cost this file's save."""
 
@@ -85,44 +92,22 @@ class DigestingFile:
         if not self.digest:
             pass
         elif isinstance(data, bytes) or self._is_kept(view):
-            self._hash_later(view)
+            self._queued.append(view)
         elif len(view) >= _OVERLAP_BYTES:
-            hashed = self._hash_later(view)
-        elif self._hasher is not None:
-            self._hash_later(memoryview(bytes(view)))  # after what is queued: the digest follows file order
+            self._queued.append(view)
+            hashed = self._hash_queued()
+        elif self._queued:
+            self._queued.append(memoryview(bytes(view)))  # behind what is queued: the digest follows file order
         else:
-            waited = time.perf_counter()
-            self._hash(view)
-            self.hash_wait_seconds += time.perf_counter() - waited
+            self._timed(self._hash, [view])
         try:
             for start in range(0, len(view), _CHUNK):
                 self._file.write(view[start : start + _CHUNK])
         finally:
-            if hashed is not None:
-                waited = time.perf_counter()
-                hashed.result()  # the buffer may be freed once write() returns, even after a failed write
-                self.hash_wait_seconds += time.perf_counter() - waited
+            if hashed is not None:  # the buffer may be freed once write() returns, even after a failed write
+                self._timed(hashed.result)
         self.size += len(view)
         return len(view)
-
-    def _is_kept(self, view: memoryview) -> bool:
-        if not self._kept or len(view) < _OVERLAP_BYTES:
-            return False
-        start = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
-        return any(low <= start and start + len(view) <= high for low, high in self._kept)
-
-    def _hash_later(self, view: memoryview) -> Future[None]:
-        # Created on the first large write, in the process that writes (a writer forked for an async save
-        # inherits no threads); close() stops it.
-        if self._hasher is None:
-            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptbus-hash")
-        hashed = self._hasher.submit(self._hash, view)
-        self._hashes.append(hashed)
-        return hashed
-
-    def _hash(self, view: memoryview) -> None:
-        for start in range(0, len(view), _CHUNK):
-            self.digester.update(view[start : start + _CHUNK])
 
     def flush(self) -> None:
         self._file.flush()
@@ -131,19 +116,46 @@ class DigestingFile:
         """Flush, fsync (unless told not to) and close; return once every byte written is hashed."""
         try:
             self._file.flush()
+            if self._queued:
+                self._hash_queued()  # while the fsync waits for the disk
             if fsync:
-                os.fsync(self._file.fileno())  # the helper hashes meanwhile
+                os.fsync(self._file.fileno())
         finally:
             self._file.close()
             if self._hasher is not None:
-                waited = time.perf_counter()
-                self._hasher.shutdown(wait=True)
-                self.hash_wait_seconds += time.perf_counter() - waited
+                self._timed(self._hasher.shutdown)
                 self._hasher = None
             self._kept.clear()
         hashes, self._hashes = self._hashes, []
         for hashed in hashes:
             hashed.result()  # a hash that failed fails the file
+
+    def _is_kept(self, view: memoryview) -> bool:
+        if not self._kept or len(view) < _OVERLAP_BYTES:
+            return False
+        start = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+        return any(low <= start and start + len(view) <= high for low, high in self._kept)
+
+    def _hash_queued(self) -> Future[None]:
+        """Hand everything queued to the helper thread, in order."""
+        # Started on first use, in the process that writes (a writer forked for an async save inherits no
+        # threads); close() stops it.
+        if self._hasher is None:
+            self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptbus-hash")
+        views, self._queued = self._queued, []
+        hashed = self._hasher.submit(self._hash, views)
+        self._hashes.append(hashed)
+        return hashed
+
+    def _hash(self, views: list[memoryview]) -> None:
+        for view in views:
+            for start in range(0, len(view), _CHUNK):
+                self.digester.update(view[start : start + _CHUNK])
+
+    def _timed(self, wait: Callable[..., object], *args: Any) -> None:
+        started = time.perf_counter()
+        wait(*args)
+        self.hash_wait_seconds += time.perf_counter() - started
 
 
 def save(obj: Any, f: DigestingFile, *, safe_serialization: bool = False) -> None:
