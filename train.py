@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ckptbus import CheckpointConfig, CkptbusError, ConfigError, load_config
+from ckptbus import CheckpointConfig, CkptbusError, ConfigError, SetupError, load_config
 
 # torch, transformers and accelerate take seconds to import. Each function that needs them imports them, and
 # main() calls none before the config is loaded and checked: a typo in the config is reported at once.
@@ -170,6 +170,26 @@ def has_accelerator() -> bool:
     return torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
 
 
+def check_engine(accelerator: Any) -> None:
+    """Refuse a run that ``accelerate launch`` asked to shard with DeepSpeed or FSDP but that runs without it.
+
+    accelerate takes DeepSpeed and FSDP only on GPUs (or other accelerators): on a machine without one it
+    trains plain data-parallel, without a word, and the run would save checkpoints in a layout the user did
+    not ask for and could not resume under the engine later.
+    """
+    from accelerate.utils import DistributedType, parse_flag_from_env
+
+    asked = (("DeepSpeed", "--use_deepspeed", DistributedType.DEEPSPEED), ("FSDP", "--use_fsdp", DistributedType.FSDP))
+    for name, flag, kind in asked:
+        if parse_flag_from_env(f"ACCELERATE_USE_{kind.value}") and accelerator.distributed_type != kind:
+            raise SetupError(
+                f"accelerate launch asked for {name} ({flag}, or distributed_type: {kind.value} in its config), "
+                f"but this run has no GPU, and accelerate would train plain data-parallel on the CPU instead, "
+                f"without {name}. Run it on a machine with GPUs, or launch without {name} "
+                "(accelerate launch --multi_gpu --num_processes N train.py ...); see docs/deepspeed-fsdp.md"
+            )
+
+
 def try_commands(ckpt_cfg: CheckpointConfig) -> str:
     """The commands that ask this run for a checkpoint, with absolute paths: they work from any directory."""
     out = os.path.abspath(ckpt_cfg.output_dir)
@@ -210,6 +230,7 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig, *, show_commands: bool =
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         project_config=ProjectConfiguration(save_on_each_node=cfg.save_on_each_node),
     )
+    check_engine(accelerator)
     set_seed(cfg.seed)
     model = make_model(cfg)
     # The loader gets a generator of its own: without one, every iter() of a torch DataLoader draws its

@@ -297,3 +297,19 @@ def on_demand_then_exact_resume(
     model = GPT2LMHeadModel.from_pretrained(by_signal.path)
     assert same(model.transformer.wte.weight.detach(), reference["transformer.wte.weight"], tolerance)
     return run, resumed
+
+
+def assert_refused_without_a_gpu(runs: Runs, engine: Engine, name: str) -> None:
+    """train.py launched for ``engine`` as on GPUs, on this machine without one: every rank refuses, nothing trains.
+
+    accelerate would run it as plain DDP on the CPU, silently (its DeepSpeed and FSDP need a GPU); train.py
+    refuses instead (exit status 2, which torchrun reports as its own 1).
+    """
+    assert engine.cpu_ranks is None, "launched as on GPUs: without the CPU-ranks wrapper"
+    run = runs(engine, config={**CONFIG, "max_steps": 4}, name=f"{engine.name}-without-gpu")
+    assert run.wait_exit(300) == 1, run.log_tail()
+    log = run.log()
+    assert log.count(f"accelerate launch asked for {name} (") == 2, f"one refusal per rank\n{run.log_tail()}"
+    assert "exitcode: 2" in log or "exitcode  : 2" in log, run.log_tail()
+    assert not (run.output_dir / "metrics.jsonl").exists(), "a step was trained"
+    assert list_checkpoints(run.output_dir) == []

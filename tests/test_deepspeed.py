@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sharded_runs import ZERO3_GATHERED, Runs, on_demand_then_exact_resume, zero
+import torch
+from sharded_runs import ZERO3_GATHERED, Runs, assert_refused_without_a_gpu, on_demand_then_exact_resume, zero
 
 # Looked up, not imported: importing DeepSpeed takes seconds, and collection runs for every pytest run.
 pytestmark = [
@@ -39,3 +40,8 @@ def test_zero_on_demand_checkpoints_and_exact_resume(start: Runs, tmp_path: Path
     first, _ = on_demand_then_exact_resume(start, zero(stage), tmp_path)
     # ZeRO-3's weights live in shards: the Ctrl+C save gathered them and said so, once (the main process logs).
     assert first.log().count(ZERO3_GATHERED) == (1 if stage == 3 else 0), first.log_tail()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no GPU")
+def test_deepspeed_without_a_gpu_is_refused_instead_of_trained_as_plain_ddp(start: Runs) -> None:
+    assert_refused_without_a_gpu(start, zero(2, on_gpus=True), "DeepSpeed")

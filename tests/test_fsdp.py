@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sharded_runs import Runs, fsdp, on_demand_then_exact_resume
+import torch
+from sharded_runs import Runs, assert_refused_without_a_gpu, fsdp, on_demand_then_exact_resume
 
 pytestmark = pytest.mark.slow
 
@@ -32,3 +33,8 @@ def start(tmp_path: Path) -> Iterator[Runs]:
 @pytest.mark.parametrize("state_dict_type", ["SHARDED_STATE_DICT", "FULL_STATE_DICT"])
 def test_fsdp_on_demand_checkpoints_and_exact_resume(start: Runs, tmp_path: Path, state_dict_type: str) -> None:
     on_demand_then_exact_resume(start, fsdp(state_dict_type), tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refused only where there is no GPU")
+def test_fsdp_without_a_gpu_is_refused_instead_of_trained_as_plain_ddp(start: Runs) -> None:
+    assert_refused_without_a_gpu(start, fsdp("SHARDED_STATE_DICT", on_gpus=True), "FSDP")
