@@ -33,9 +33,7 @@ Results go to benchmarks/results/digest_cost.json.
 
 from __future__ import annotations
 
-import argparse
 import json
-import random
 import shutil
 import statistics
 import time
@@ -45,7 +43,14 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from ckptbus.plugins import DynamicCheckpoint
-from save_stall import REPO, Training, ckpt_config  # benchmarks/ is on sys.path: this file runs as a script
+from overhead import bootstrap_interval
+from save_stall import (  # benchmarks/ is on sys.path: this file runs as a script
+    Training,
+    add_arm,
+    arguments,
+    ckpt_config,
+    max_over_ranks,
+)
 
 from ckptbus import SaveCompleted, list_checkpoints
 from ckptbus._layout import withdraw
@@ -53,21 +58,8 @@ from ckptbus._layout import withdraw
 ARMS = ("digests", "no digests")
 
 
-def interval_of_median_ratio(ratios: list[float], resamples: int = 2000) -> list[float]:
-    """95% bootstrap interval of the median of per-round ratios (fixed seed)."""
-    rng = random.Random(0)
-    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
-    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=41)
-    parser.add_argument("--n-layer", type=int, default=6)
-    parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument("--dir", default=str(REPO / "outputs" / "bench-digest-cost"), help="where the saves go")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "digest_cost.json"))
-    args = parser.parse_args()
+    args = arguments("digest_cost", rounds=41).parse_args()
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator.is_main_process
@@ -83,21 +75,12 @@ def main() -> None:
     ckpts: dict[str, DynamicCheckpoint] = {}
     completed: dict[str, list[SaveCompleted]] = {}
     for arm in ARMS:
-        ckpts[arm] = DynamicCheckpoint(accelerator, ckpt_config(root / arm.replace(" ", "_"), False))
-        ckpts[arm]._sink.digests = "written" if arm == "digests" else "none"
-        completed[arm] = []
-        ckpts[arm].bus.subscribe("save_completed", completed[arm].append)
+        ckpt = add_arm(accelerator, ckpts, completed, arm, ckpt_config(root / arm.replace(" ", "_"), False))
+        ckpt._sink.digests = "written" if arm == "digests" else "none"
     steps = dict.fromkeys(ARMS, 0)
     held: dict[str, list[float]] = {arm: [] for arm in ARMS}
     hash_wait: list[float] = []
     checkpoint_bytes: list[int] = []
-
-    def max_over_ranks(seconds: float) -> float:
-        if accelerator.num_processes == 1:
-            return seconds
-        t = torch.tensor([seconds], dtype=torch.float64)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return float(t.item())
 
     def save(arm: str) -> None:
         ckpt, done = ckpts[arm], completed[arm]
@@ -112,9 +95,9 @@ def main() -> None:
             start = time.perf_counter()
             ckpt.step(steps[arm])
             seconds += time.perf_counter() - start
-        held[arm].append(max_over_ranks(seconds))
+        held[arm].append(max_over_ranks(accelerator, seconds))
         if arm == "digests":
-            hash_wait.append(max_over_ranks(ckpt._sink.hash_wait_seconds - waited_before))
+            hash_wait.append(max_over_ranks(accelerator, ckpt._sink.hash_wait_seconds - waited_before))
             checkpoint_bytes.append(done[0].bytes)
         accelerator.wait_for_everyone()
         if main_process:
@@ -141,7 +124,7 @@ def main() -> None:
             "rounds": args.rounds,
             "median_seconds_after_round_0": {arm: statistics.median(v[kept]) for arm, v in held.items()},
             "digests_cost_over_sync": statistics.median(ratios) - 1,
-            "digests_cost_interval_95": [r - 1 for r in interval_of_median_ratio(ratios)],
+            "digests_cost_interval_95": [r - 1 for r in bootstrap_interval(ratios)],
             "digests_cost_target": 0.02,
             "hash_wait_over_sync": statistics.median(hash_wait[kept]) / no_digests,
             "hash_wait_median_seconds": statistics.median(hash_wait[kept]),

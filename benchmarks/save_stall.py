@@ -112,6 +112,42 @@ def ckpt_config(output_dir: Path, async_save: bool, crc32: bool = False, writer:
     return build(CheckpointConfig, {"output_dir": str(output_dir), "dynamic_checkpoint": block})
 
 
+def max_over_ranks(accelerator: Accelerator, seconds: float) -> float:
+    """The largest of every rank's ``seconds`` (a collective: every rank calls it)."""
+    if accelerator.num_processes == 1:
+        return seconds
+    t = torch.tensor([seconds], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+def add_arm(
+    accelerator: Accelerator,
+    ckpts: dict[str, DynamicCheckpoint],
+    completed: dict[str, list[SaveCompleted]],
+    arm: str,
+    config: CheckpointConfig,
+) -> DynamicCheckpoint:
+    """A DynamicCheckpoint for ``arm``, its completions recorded in ``completed[arm]``."""
+    ckpts[arm] = DynamicCheckpoint(accelerator, config)
+    completed[arm] = []
+    ckpts[arm].bus.subscribe("save_completed", completed[arm].append)
+    return ckpts[arm]
+
+
+def arguments(name: str, rounds: int) -> argparse.ArgumentParser:
+    """The options every save benchmark takes: rounds, model size, where the saves and the results go."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--n-layer", type=int, default=6)
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument(
+        "--dir", default=str(REPO / "outputs" / f"bench-{name.replace('_', '-')}"), help="where the saves go"
+    )
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / f"{name}.json"))
+    return parser
+
+
 def sync_and_async_arms(
     accelerator: Accelerator, root: Path, sync_name: str, async_name: str
 ) -> tuple[dict[str, DynamicCheckpoint], dict[str, list[SaveCompleted]]]:
@@ -120,13 +156,10 @@ def sync_and_async_arms(
         shutil.rmtree(root, ignore_errors=True)
         root.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    ckpts = {
-        sync_name: DynamicCheckpoint(accelerator, ckpt_config(root / "sync", False)),
-        async_name: DynamicCheckpoint(accelerator, ckpt_config(root / "async", True)),
-    }
-    completed: dict[str, list[SaveCompleted]] = {arm: [] for arm in ckpts}
-    for arm, ckpt in ckpts.items():
-        ckpt.bus.subscribe("save_completed", completed[arm].append)
+    ckpts: dict[str, DynamicCheckpoint] = {}
+    completed: dict[str, list[SaveCompleted]] = {}
+    add_arm(accelerator, ckpts, completed, sync_name, ckpt_config(root / "sync", False))
+    add_arm(accelerator, ckpts, completed, async_name, ckpt_config(root / "async", True))
     return ckpts, completed
 
 
@@ -162,13 +195,7 @@ class Training:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--n-layer", type=int, default=6)
-    parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument("--dir", default=str(REPO / "outputs" / "bench-save-stall"), help="where the saves go")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "save_stall.json"))
-    args = parser.parse_args()
+    args = arguments("save_stall", rounds=4).parse_args()
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator.is_main_process
@@ -181,17 +208,19 @@ def main() -> None:
     root = Path(args.dir)
     ckpts, completed = sync_and_async_arms(accelerator, root, "ckptbus sync", "ckptbus async")
     # The asynchronous save written by a forked process (dynamic_checkpoint.async_writer: process).
-    ckpts["ckptbus async process"] = DynamicCheckpoint(
-        accelerator, ckpt_config(root / "async_process", True, False, "process")
+    add_arm(
+        accelerator,
+        ckpts,
+        completed,
+        "ckptbus async process",
+        ckpt_config(root / "async_process", True, False, "process"),
     )
-    completed["ckptbus async process"] = []
-    ckpts["ckptbus async process"].bus.subscribe("save_completed", completed["ckptbus async process"].append)
     for arm, (crc32, parallel, digests) in SYNC_VARIANTS.items():
-        ckpts[arm] = DynamicCheckpoint(accelerator, ckpt_config(root / arm.replace(" ", "_"), False, crc32))
-        ckpts[arm]._sink.parallel_writers = parallel
-        ckpts[arm]._sink.digests = digests
-        completed[arm] = []
-        ckpts[arm].bus.subscribe("save_completed", completed[arm].append)
+        sink = add_arm(
+            accelerator, ckpts, completed, arm, ckpt_config(root / arm.replace(" ", "_"), False, crc32)
+        )._sink
+        sink.parallel_writers = parallel
+        sink.digests = digests
     steps = dict.fromkeys(ckpts, 0)
     stall: dict[str, list[float]] = {arm: [] for arm in ARMS}
     extra: dict[str, list[float]] = {
@@ -203,19 +232,15 @@ def main() -> None:
         "steps_in_flight": [],
     }
 
-    def max_over_ranks(seconds: float) -> float:
-        if accelerator.num_processes == 1:
-            return seconds
-        t = torch.tensor([seconds], dtype=torch.float64)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return float(t.item())
+    def max_over(seconds: float) -> float:
+        return max_over_ranks(accelerator, seconds)
 
     def run_save_state(round_index: int) -> None:
         target = root / f"save_state-{round_index}"
         accelerator.wait_for_everyone()
         start = time.perf_counter()
         accelerator.save_state(str(target))
-        stall["save_state"].append(max_over_ranks(time.perf_counter() - start))
+        stall["save_state"].append(max_over(time.perf_counter() - start))
         accelerator.wait_for_everyone()
         if main_process:
             shutil.rmtree(target)
@@ -249,11 +274,11 @@ def main() -> None:
         # waits if the copies are not done by then. That wait holds training too.
         held += ckpt._sink.copy_wait_seconds - waited_before
         accelerator.wait_for_everyone()
-        extra_wall = max_over_ranks(time.perf_counter() - window - in_flight * step_seconds)
+        extra_wall = max_over(time.perf_counter() - window - in_flight * step_seconds)
         # The main process snapshots (and, synchronously, writes) the model and optimizer; in the vote the other
         # rank waits for it, and for its training step, slowed down by the writer thread (counted in extra_wall).
-        stall[arm].append(max_over_ranks(held if main_process else 0.0))
-        extra[f"{arm} max over ranks"].append(max_over_ranks(held))
+        stall[arm].append(max_over(held if main_process else 0.0))
+        extra[f"{arm} max over ranks"].append(max_over(held))
         event = done[0]
         if arm == "ckptbus sync":
             extra["sync_bytes"].append(event.bytes)
@@ -291,7 +316,7 @@ def main() -> None:
             for t in targets:
                 t.unlink()
         name = "dd" if streams == 1 else f"dd {streams} streams"
-        stall[name].append(max_over_ranks(seconds))
+        stall[name].append(max_over(seconds))
         extra.setdefault(f"{name} bytes", []).append(float(count * streams * 4 * 2**20))
 
     for round_index in range(args.rounds):
