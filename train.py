@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gc
 import json
 import logging
 import os
@@ -212,7 +211,7 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig, *, show_commands: bool =
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from ckptbus.plugins import DynamicCheckpoint
+    from ckptbus.plugins import DynamicCheckpoint, release
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
@@ -274,16 +273,9 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig, *, show_commands: bool =
             )
         return code
     finally:
-        # Free the DDP model before the process group (end_training destroys it). The model's Reducer holds the
-        # process group; when the Reducer drops the last reference, gloo's destructor joins its threads while
-        # holding the GIL, and a gloo thread still freeing the last all_reduce's tensor waits for the GIL: a hang
-        # at exit (seen 1 run in 7 on 2 busy cores). Destroyed by destroy_process_group, it releases the GIL first.
+        # Our references to the DDP model go before the process group; release() says why (a hang at exit).
         del model, optimizer, loader, scheduler
-        accelerator.free_memory()
-        gc.collect()
-        accelerator.end_training()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        release(accelerator)
 
 
 def run_loop(

@@ -6,7 +6,7 @@ live in :mod:`ckptbus.plugins`; :class:`TriggerSource` is the contract a source 
 your own keeps.
 """
 
-from ._bus import SIGNAL_NAMES, Bus
+from ._bus import SIGNAL_NAMES, Bus, Subscription
 from ._config import CheckpointConfig, DynamicCheckpointConfig, load_config
 from ._errors import CheckpointError, CkptbusError, ConfigError, SetupError
 from ._eventlog import EventLog
@@ -33,6 +33,7 @@ __all__ = [
     "SaveRequested",
     "SaveStarted",
     "SetupError",
+    "Subscription",
     "TriggerSource",
     "checkpoint_path",
     "latest_full",

@@ -6,7 +6,14 @@ notebooks) never see each other's events.
 
 Receivers are called with the event as their only positional argument::
 
-    bus.save_completed.connect(lambda event: print(event.path), weak=False)
+    subscription = bus.subscribe("save_completed", lambda event: print(event.path))
+    ...
+    subscription.cancel()          # or: with bus.subscribe(...): ...
+
+:meth:`Bus.subscribe` returns a :class:`Subscription`, the handle that
+disconnects the receiver again (accelerate's ``RemovableHandle`` is the
+model): code that connects for a while keeps the handles and cancels them,
+instead of pairing each ``subscribe`` with an ``unsubscribe`` by hand.
 
 Receivers run in the thread that publishes: ``save_requested`` may arrive on
 a socket thread; ``save_started``, ``save_completed`` and ``save_failed`` are
@@ -25,7 +32,8 @@ import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Set as AbstractSet
-from typing import Any, Final, TypeVar
+from types import TracebackType
+from typing import Any, Final, Generic, ParamSpec, TypeVar, final
 
 from blinker import NamedSignal
 
@@ -33,7 +41,8 @@ from ._events import Event, ReceiverFailed, SaveCompleted, SaveFailed, SaveReque
 
 logger = logging.getLogger("ckptbus")
 
-F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
+R = TypeVar("R")
 
 SIGNAL_NAMES: Final = ("save_requested", "save_started", "save_completed", "save_failed", "receiver_failed")
 
@@ -104,21 +113,32 @@ class Bus:
         # thread-safe, so connect and publish take this lock.
         self._lock = threading.RLock()
 
-    def subscribe(self, name: str, receiver: F) -> F:
-        """Connect ``receiver`` (strongly) to the signal called ``name``; returns it.
+    def subscribe(self, name: str, receiver: Callable[P, R]) -> Subscription[P, R]:
+        """Connect ``receiver`` (strongly) to the signal called ``name``; returns its :class:`Subscription`.
+
+        The handle disconnects it again (``cancel()``, or leaving a ``with``
+        block), and it can be called like ``receiver`` itself, so code that
+        kept the return value as the receiver (``fn = bus.subscribe(...)``, or
+        ``@functools.partial(bus.subscribe, "save_completed")`` as a decorator)
+        works as before. A receiver is connected to a signal at most once:
+        subscribing it again gives another handle to the same connection.
+        A :class:`Subscription` passed as ``receiver`` stands for its receiver.
 
         Raises ``ValueError`` for an unknown signal name.
         """
         signal = self._signal(name)
+        target: Callable[P, R] = receiver.receiver if isinstance(receiver, Subscription) else receiver
         with self._lock:
-            signal.connect(receiver, weak=False)
-        return receiver
+            signal.connect(target, weak=False)
+        return Subscription(self, name, target)
 
     def unsubscribe(self, name: str, receiver: Callable[..., Any]) -> None:
-        """Disconnect ``receiver`` from ``name``; a receiver not connected is ignored."""
+        """Disconnect ``receiver`` (or the receiver of a :class:`Subscription`) from ``name``; a receiver not
+        connected is ignored. Raises ``ValueError`` for an unknown signal name."""
         signal = self._signal(name)
+        target = receiver.receiver if isinstance(receiver, Subscription) else receiver
         with self._lock:
-            signal.disconnect(receiver)
+            signal.disconnect(target)
 
     def publish(self, event: Event) -> None:
         """Send ``event`` on the signal that matches its type.
@@ -167,3 +187,65 @@ class Bus:
         if isinstance(event, ReceiverFailed):
             return self.receiver_failed
         raise TypeError(f"not a ckptbus event: {event!r}")
+
+
+@final
+class Subscription(Generic[P, R]):
+    """One receiver connected to one signal of a :class:`Bus`: what :meth:`Bus.subscribe` returns.
+
+    ``cancel()`` disconnects it; it is idempotent, and only the first call
+    disconnects, so a handle cancelled late never disconnects a later
+    subscription of the same receiver. As a context manager the receiver is
+    connected for the ``with`` block (``with bus.subscribe(name, fn): ...``).
+    Calling the handle calls the receiver (what ``subscribe`` returned
+    before it returned handles), with the same arguments and result.
+
+    Cancelling takes the bus's lock for an instant: call it from any thread
+    but not from a signal handler (nothing in ckptbus does).
+    """
+
+    __slots__ = ("_active", "_bus", "_receiver", "name")
+
+    def __init__(self, bus: Bus, name: str, receiver: Callable[P, R]) -> None:
+        self._bus = bus
+        self.name = name
+        """The signal the receiver is connected to."""
+        self._receiver = receiver
+        self._active = True
+
+    @property
+    def receiver(self) -> Callable[P, R]:
+        """The receiver this handle connected."""
+        return self._receiver
+
+    @property
+    def active(self) -> bool:
+        """False once :meth:`cancel` ran (the receiver may still be connected through another handle)."""
+        return self._active
+
+    def cancel(self) -> None:
+        """Disconnect the receiver from the signal; a second call does nothing."""
+        with self._bus._lock:
+            if not self._active:
+                return
+            self._active = False
+            self._bus.unsubscribe(self.name, self._receiver)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._receiver(*args, **kwargs)
+
+    def __enter__(self) -> Subscription[P, R]:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.cancel()
+
+    def __repr__(self) -> str:
+        name = getattr(self._receiver, "__qualname__", repr(self._receiver))
+        state = "" if self._active else ", cancelled"
+        return f"<Subscription {name} to {self.name}{state}>"
+
+
+__all__ = ["SIGNAL_NAMES", "Bus", "Subscription"]

@@ -23,15 +23,13 @@ from typing import Any, Literal, TypeVar
 import yaml
 
 from ._errors import ConfigError
+from ._names import CHECKPOINT_PREFIX, PRIVATE_PREFIX, RESERVED_PREFIXES
+from ._names import RESERVED_NAMES as RESERVED_NAMES  # re-exported: it was defined here once
 
 T = TypeVar("T")
 
 DEFAULT_TRIGGER_FILE = "axolotl_checkpoint.save"
 DEFAULT_CHECK_INTERVAL = 100
-RESERVED_NAMES = frozenset(
-    {"ckptbus.json", "ckptbus-events.jsonl", "metrics.jsonl", "ckptbus.sock", "ckptbus.sock.path", "ckptbus.lock"}
-)
-"""Files ckptbus (and train.py) write into output_dir: never a trigger file name."""
 
 
 NULL_IS_DEFAULT = "ckptbus.null_is_default"
@@ -230,14 +228,14 @@ class DynamicCheckpointConfig:
         # A name ckptbus or train.py writes itself would trigger a save on every interval. An absolute path
         # may point into output_dir too, so its last part is checked the same way.
         base = os.path.basename(name)
-        reserved = base in RESERVED_NAMES or base.startswith(("checkpoint-", ".ckptbus-"))
+        reserved = base in RESERVED_NAMES or base.startswith(RESERVED_PREFIXES)
         _check(
             not reserved,
             "dynamic_checkpoint.trigger_file_path",
             name,
             "a file name that ckptbus does not write itself (not "
             + ", ".join(sorted(RESERVED_NAMES))
-            + f", checkpoint-* or .ckptbus-*), for example {DEFAULT_TRIGGER_FILE!r}",
+            + f", {CHECKPOINT_PREFIX}* or {PRIVATE_PREFIX}*), for example {DEFAULT_TRIGGER_FILE!r}",
         )
         _check(isinstance(self.async_save, bool), "dynamic_checkpoint.async_save", self.async_save, "true or false")
         _check(

@@ -1,9 +1,10 @@
-"""Content digests of checkpoint files: computed while the files are written, checked before they are loaded.
+"""Content digests of checkpoint files: the hash, computed while the files are written.
 
 The manifest of a checkpoint records, for every file, its size and a digest
 ``"xxh3_128:<32 hex digits>"`` (:class:`Digester` on the bytes as they are
-written). :func:`verify_checkpoint` reads every file again and compares;
-resume calls it before anything is loaded, and so does ``ckptbus verify``.
+written). Checking them (``verify_checkpoint``, which reads every file again
+and compares; resume calls it before anything is loaded, and so does
+``ckptbus verify``) is ckptbus/_verify.py's.
 
 Why XXH3-128: it is not a cryptographic hash (a checkpoint is not protected
 against someone who wants to forge one), but it catches the damage that does
@@ -12,33 +13,23 @@ step) and runs far faster than a disk can deliver bytes, so verifying costs
 about one read of the checkpoint. 128 bits keep accidental collisions out of
 the question.
 
-This module imports no torch (the CLI uses it) and nothing of ckptbus but the
-errors: the layout (``_layout``) imports it, never the other way round.
+This module imports no torch (the CLI uses it) and nothing of ckptbus: the
+manifest (``_manifest``) and the verification (``_verify``) import it, never
+the other way round. The verification's names are still importable from here
+(``from ckptbus._digest import verify_checkpoint``), loaded when first asked
+for (:func:`__getattr__`), since ``_verify`` imports the layout, which
+imports this module.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import Any, Final
 
 import xxhash
 
-from ._errors import CheckpointError
-
-if TYPE_CHECKING:
-    from ._layout import CheckpointInfo
-
 ALGORITHM: Final = "xxh3_128"
 """The digest algorithm of new checkpoints: the prefix of every digest in a manifest."""
-
-VerifyMode = Literal["full", "sizes", "off"]
-"""How much resume checks: every file's digest and size (``full``), sizes only (``sizes``), nothing (``off``)."""
-
-VERIFY_MODES: Final[tuple[VerifyMode, ...]] = ("full", "sizes", "off")
 
 CHUNK_BYTES: Final = 8 << 20
 """Read size of :func:`digest_file`: large enough that the per-call overhead vanishes, small enough for any host."""
@@ -76,145 +67,19 @@ def digest_file(path: str | os.PathLike[str]) -> str:
     return digester.value()
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class VerifyReport:
-    """What :func:`verify_checkpoint` found in one checkpoint.
-
-    ``problem`` is None when every checked file matched; otherwise it
-    describes the first bad file (``bad_file``), with what the manifest
-    recorded (``expected``) and what is on disk (``found``).
-    """
-
-    path: Path
-    mode: VerifyMode
-    files: int = 0
-    """Files checked."""
-    bytes_read: int = 0
-    """Bytes read to compute digests (0 unless ``full``)."""
-    seconds: float = 0.0
-    undigested: tuple[str, ...] = ()
-    """Files checked by size only because the manifest records no digest for them."""
-    bad_file: str | None = None
-    expected: str | None = None
-    found: str | None = None
-    problem: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.problem is None
-
-    @property
-    def note(self) -> str | None:
-        """Why the contents were not (all) compared, if they were not; None when every file's digest was."""
-        if self.mode == "off":
-            return "not verified (verify: off)"
-        if self.mode == "sizes":
-            return "sizes only (verify: sizes)"
-        if self.undigested and len(self.undigested) == self.files:
-            return "not verified: written before digests (sizes checked)"
-        if self.undigested:
-            return f"{len(self.undigested)} file(s) without a digest, checked by size: {', '.join(self.undigested)}"
-        return None
-
-    def summary(self) -> str:
-        """One line for a log or the CLI: the outcome, what was checked and how long it took."""
-        if not self.ok:
-            return f"{self.path}: FAILED: {self.problem}"
-        if self.mode == "off":
-            return f"{self.path}: not verified (verify: off)"
-        what = f"{self.files} files"
-        if self.bytes_read:
-            what += f", {self.bytes_read / 1e6:.1f} MB read, {ALGORITHM}"
-        note = f"; {self.note}" if self.note else ""
-        return f"{self.path}: ok ({what}, {self.seconds:.2f} s, verify: {self.mode}){note}"
-
-    def error(self) -> CheckpointError:
-        """The refusal to load this checkpoint, naming it, the file, expected and found, and what to do."""
-        return CheckpointError(
-            f"checkpoint {self.path} failed verification (dynamic_checkpoint.verify: {self.mode}): {self.problem}. "
-            f"It was complete when written, so the file changed since (disk, copy or hand damage). Resume from "
-            f"another checkpoint (`ckptbus verify --output-dir {self.path.parent}` checks them all); load it anyway "
-            "only if you know why the file changed (dynamic_checkpoint.verify: off)"
-        )
+_MOVED_TO_VERIFY: Final = frozenset({"VERIFY_MODES", "VerifyMode", "VerifyReport", "verify_checkpoint"})
 
 
-def verify_checkpoint(info: CheckpointInfo, mode: VerifyMode = "full") -> VerifyReport:
-    """Check every file the manifest of ``info`` lists: it exists, has its size and (``full``) its digest.
+def __getattr__(name: str) -> Any:
+    """The names that moved to ckptbus/_verify.py, for code that still imports them from here.
 
-    Never raises for what it finds: the first bad file is in the report
-    (``report.error()`` is the refusal to raise). Sizes are checked for every
-    file before any content is read, so a truncated file is reported without
-    reading gigabytes first. Files without a recorded digest (checkpoints
-    written before digests existed) are checked by size, and the report's
-    ``note`` says so. Raises ValueError for an unknown ``mode``.
-    """
-    if mode not in VERIFY_MODES:
-        raise ValueError(f"verify mode {mode!r} is not one of {VERIFY_MODES}")
-    started = time.perf_counter()
-    files = info.manifest.files
-    if mode == "off":
-        return VerifyReport(path=info.path, mode=mode)
-    bad = _first_bad_size(info.path, files)
-    digests: Mapping[str, str] = info.manifest.digests if mode == "full" else {}
-    read = 0
-    if bad is None:
-        bad, read = _first_bad_digest(info.path, files, digests)
-    undigested = tuple(name for name in files if name not in digests) if mode == "full" else ()
-    bad_file, expected, found, problem = bad or (None, None, None, None)
-    return VerifyReport(
-        path=info.path,
-        mode=mode,
-        files=len(files),
-        bytes_read=read,
-        seconds=time.perf_counter() - started,
-        undigested=undigested,
-        bad_file=bad_file,
-        expected=expected,
-        found=found,
-        problem=problem,
-    )
+    Imported on first use, not at the top: ``_verify`` imports the layout, which imports this module, so a
+    top-level import would close a circle. Raises AttributeError for any other name."""
+    if name in _MOVED_TO_VERIFY:
+        from . import _verify
+
+        return getattr(_verify, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-_Bad = tuple[str, str, str, str]
-"""(file, expected, found, problem in words)."""
-
-
-def _first_bad_size(root: Path, files: Mapping[str, int]) -> _Bad | None:
-    for name, size in files.items():
-        try:
-            actual = (root / name).stat().st_size
-        except FileNotFoundError:
-            return name, f"{size} bytes", "no file", f"{name} is missing (the manifest lists {size} bytes)"
-        except OSError as exc:
-            return name, f"{size} bytes", exc.strerror or str(exc), f"{name} cannot be read: {exc.strerror}"
-        if actual != size:
-            return name, f"{size} bytes", f"{actual} bytes", f"{name} has {actual} bytes, the manifest says {size}"
-    return None
-
-
-def _first_bad_digest(root: Path, files: Mapping[str, int], digests: Mapping[str, str]) -> tuple[_Bad | None, int]:
-    """The first file whose content does not match its recorded digest, and the bytes read until then."""
-    read = 0
-    for name in files:
-        expected = digests.get(name)
-        if expected is None:
-            continue
-        algorithm = expected.partition(":")[0]
-        if algorithm != ALGORITHM:
-            why = (
-                f"{name}: the manifest records a {algorithm!r} digest, which this version of ckptbus does not "
-                f"know (it computes {ALGORITHM}); upgrade ckptbus, or set dynamic_checkpoint.verify: sizes"
-            )
-            return (name, expected, "unknown algorithm", why), read
-        try:
-            found = digest_file(root / name)
-        except OSError as exc:
-            return (name, expected, exc.strerror or str(exc), f"{name} cannot be read: {exc.strerror}"), read
-        read += files[name]
-        if found != expected:
-            why = f"{name} has content digest {found}, the manifest records {expected}"
-            return (name, expected, found, why), read
-    return None, read
-
-
-__all__ = ["ALGORITHM", "VERIFY_MODES", "Digester", "VerifyMode", "VerifyReport", "digest_file", "verify_checkpoint"]
+__all__ = ["ALGORITHM", "CHUNK_BYTES", "Digester", "digest_file"]

@@ -1,4 +1,4 @@
-"""Checkpoints on disk: names, manifest, atomic commit, listing, clean-up, rotation.
+"""Checkpoints on disk: where they live, atomic commit, listing, clean-up, rotation.
 
 A checkpoint is written into ``<output_dir>/.ckptbus-staging-checkpoint-<step>``
 and becomes ``<output_dir>/checkpoint-<step>`` by one ``rename`` after every
@@ -8,7 +8,9 @@ file the manifest lists is there with its recorded size; everything that
 lists, resumes or rotates goes through :func:`list_checkpoints`, so nothing
 half-written is ever used.
 
-This module imports no torch: the CLI uses it.
+The names are ckptbus/_names.py's; the manifest and how it is written last
+are ckptbus/_manifest.py's (imported here, and importable from here as
+before). This module imports no torch: the CLI uses it.
 """
 
 from __future__ import annotations
@@ -20,25 +22,18 @@ import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._digest import digest_file
 from ._errors import CheckpointError
-from ._events import SAVE_KINDS, SaveKind
+from ._fsync import fsync_path, fsync_tree
+from ._manifest import MANIFEST_FORMAT, SCHEDULED_REASON, Manifest, write_manifest
+from ._names import CHECKPOINT_PREFIX, MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX
 
 logger = logging.getLogger("ckptbus")
 
-CHECKPOINT_PREFIX = "checkpoint-"
-MANIFEST_NAME = "ckptbus.json"
-STAGING_PREFIX = ".ckptbus-staging-"
-TRASH_PREFIX = ".ckptbus-trash-"
-MANIFEST_FORMAT = 1
-SCHEDULED_REASON = "schedule"
-
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_CHECKPOINT_RE = re.compile(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$")
 
 
 def checkpoint_path(output_dir: str | os.PathLike[str], step: int) -> Path:
@@ -49,71 +44,6 @@ def checkpoint_path(output_dir: str | os.PathLike[str], step: int) -> Path:
 def staging_path(output_dir: str | os.PathLike[str], step: int) -> Path:
     """Where the checkpoint of ``step`` is written before it is complete (same filesystem, so rename is atomic)."""
     return Path(output_dir) / f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step}"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Manifest:
-    """The contents of ``ckptbus.json``, written last into every complete checkpoint."""
-
-    step: int
-    kind: SaveKind
-    reason: str
-    """What asked for it; several reasons joined with ``+`` (e.g. ``schedule+file``)."""
-    created: str
-    """UTC time of the commit, ISO 8601."""
-    world_size: int
-    labels: list[str] = field(default_factory=list)
-    request_ids: list[str] = field(default_factory=list)
-    files: dict[str, int] = field(default_factory=dict)
-    """Every file of the checkpoint (path relative to it) and its size in bytes."""
-    digests: dict[str, str] = field(default_factory=dict)
-    """The content digest of every file (``xxh3_128:<hex>``, see ckptbus/_digest.py), taken as it was written;
-    empty in checkpoints written before digests existed."""
-    bytes: int = 0
-    seconds: float = 0.0
-    """Wall time from the agreement to the commit."""
-    stall_seconds: float = 0.0
-    """How long training was held by this save (the slowest rank): the whole save when it is synchronous, the
-    snapshot into host memory with ``async_save``."""
-    write_seconds: float = 0.0
-    """Time to persist: from the start of writing the files to the commit, fsync included (the slowest rank)."""
-    format: int = MANIFEST_FORMAT
-
-    @property
-    def on_demand(self) -> bool:
-        """True if anything other than the ``save_steps`` schedule asked for it."""
-        return any(r != SCHEDULED_REASON for r in self.reason.split("+"))
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_dict(cls, data: Any) -> Manifest:
-        """Parse a manifest; raises :class:`CheckpointError` if a required field is missing or wrong."""
-        if not isinstance(data, dict):
-            raise CheckpointError("manifest is not a JSON object")
-        try:
-            manifest = cls(
-                step=int(data["step"]),
-                kind=data["kind"],
-                reason=str(data["reason"]),
-                created=str(data["created"]),
-                world_size=int(data["world_size"]),
-                labels=[str(x) for x in data.get("labels", [])],
-                request_ids=[str(x) for x in data.get("request_ids", [])],
-                files={str(k): int(v) for k, v in data.get("files", {}).items()},
-                digests={str(k): str(v) for k, v in data.get("digests", {}).items()},
-                bytes=int(data.get("bytes", 0)),
-                seconds=float(data.get("seconds", 0.0)),
-                stall_seconds=float(data.get("stall_seconds", 0.0)),
-                write_seconds=float(data.get("write_seconds", 0.0)),
-                format=int(data.get("format", MANIFEST_FORMAT)),
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise CheckpointError(f"manifest field missing or malformed: {exc}") from None
-        if manifest.kind not in SAVE_KINDS:
-            raise CheckpointError(f"manifest kind {manifest.kind!r} is not one of {SAVE_KINDS}")
-        return manifest
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,28 +164,6 @@ def latest_full(output_dir: str | os.PathLike[str]) -> CheckpointInfo | None:
 # --------------------------------------------------------------------------
 
 
-def _fsync_path(path: Path, directory: bool) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> dict[str, int]:
-    """fsync every file and directory under ``root``; return {relative path: size}."""
-    files: dict[str, int] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        d = Path(dirpath)
-        for name in filenames:
-            f = d / name
-            _fsync_path(f, directory=False)
-            files[str(f.relative_to(root))] = f.stat().st_size
-        _fsync_path(d, directory=True)
-        dirnames.sort()
-    return files
-
-
 def prepare_staging(output_dir: str | os.PathLike[str], step: int) -> Path:
     """Create an empty staging directory for ``step`` (removing a leftover of the same name)."""
     staging = staging_path(output_dir, step)
@@ -263,48 +171,6 @@ def prepare_staging(output_dir: str | os.PathLike[str], step: int) -> Path:
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     return staging
-
-
-def write_manifest(
-    directory: Path,
-    manifest_fields: dict[str, Any],
-    fields_after_fsync: Callable[[], dict[str, Any]] = dict,
-    digests: dict[str, str] | None = None,
-    *,
-    read_back: bool = True,
-) -> Manifest:
-    """Mark ``directory`` complete: fsync every file in it, then write the manifest last (through a temporary
-    file) and fsync the directory. A manifest already there is removed first, so the files written since are
-    never called complete by an older one. ``fields_after_fsync`` gives more manifest fields once every file is
-    fsynced (timings that must include the fsync). ``digests``: those taken as the files were written; a file
-    without one is read back here (unless ``read_back`` is False: then it has no digest)."""
-    (directory / MANIFEST_NAME).unlink(missing_ok=True)
-    files = fsync_tree(directory)
-    manifest = Manifest(
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        files=files,
-        bytes=sum(files.values()),
-        # A file no rank digested as it wrote it (written by save_state under DeepSpeed or FSDP, or by the
-        # Trainer) is read back once here.
-        digests=_complete_digests(directory, files, digests or {}, read_back),
-        **manifest_fields,
-        **fields_after_fsync(),
-    )
-    tmp = directory / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(manifest.to_json())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, directory / MANIFEST_NAME)
-    _fsync_path(directory, directory=True)
-    return manifest
-
-
-def _complete_digests(directory: Path, files: Iterable[str], taken: dict[str, str], read_back: bool) -> dict[str, str]:
-    found = {name: taken[name] for name in files if name in taken}
-    if read_back:
-        found.update({name: digest_file(directory / name) for name in files if name not in taken})
-    return found
 
 
 def commit(
@@ -338,7 +204,7 @@ def commit(
             )
         os.rename(final, trash)
     os.rename(staging, final)
-    _fsync_path(final.parent, directory=True)
+    fsync_path(final.parent, directory=True)
     if trash is not None and trash.name.startswith(TRASH_PREFIX):
         shutil.rmtree(trash, ignore_errors=True)
     return manifest
@@ -446,3 +312,34 @@ def rotate(
         withdraw(victim.path)
         deleted.append(victim.path)
     return deleted
+
+
+# The manifest (ckptbus/_manifest.py), fsync_tree (ckptbus/_fsync.py) and the reserved names (ckptbus/_names.py)
+# were defined here once: plugins and tests still import them from the layout, so they stay importable here.
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "SCHEDULED_REASON",
+    "STAGING_PREFIX",
+    "TRASH_PREFIX",
+    "CheckpointInfo",
+    "Manifest",
+    "Unusable",
+    "checkpoint_path",
+    "clean_leftovers",
+    "commit",
+    "discard",
+    "fsync_tree",
+    "latest_full",
+    "list_checkpoints",
+    "prepare_staging",
+    "read_checkpoint",
+    "read_checkpoint_files",
+    "rotate",
+    "rotation_victims",
+    "scan_checkpoints",
+    "staging_path",
+    "withdraw",
+    "write_manifest",
+]

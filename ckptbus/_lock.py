@@ -40,13 +40,12 @@ import weakref
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Final
 
 from ._errors import SetupError
+from ._names import LOCK_NAME
 
 logger = logging.getLogger("ckptbus")
 
-LOCK_NAME: Final = "ckptbus.lock"
 
 _HELD_ELSEWHERE = (errno.EACCES, errno.EAGAIN)
 _NO_LOCKS_HERE = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
-from ._digest import VerifyMode, VerifyReport, verify_checkpoint
 from ._errors import CheckpointError
 from ._layout import CheckpointInfo, Unusable, read_checkpoint, scan_checkpoints
+from ._verify import VerifyMode, VerifyReport, verify_checkpoint
 
 LATEST: Final = "latest"
 LATEST_OR_FRESH: Final = "latest_or_fresh"

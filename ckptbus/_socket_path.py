@@ -40,9 +40,11 @@ from typing import Final
 
 from ._errors import CkptbusError
 
+# Re-exported (``as``): the socket's names were defined here once, and the CLI's tests import them from here.
+from ._names import POINTER_NAME as POINTER_NAME
+from ._names import SOCKET_NAME as SOCKET_NAME
+
 logger = logging.getLogger("ckptbus")
-SOCKET_NAME: Final = "ckptbus.sock"
-POINTER_NAME: Final = "ckptbus.sock.path"
 # sun_path is 108 bytes on Linux and 104 on macOS, one of them for the NUL.
 MAX_SOCKET_PATH_BYTES: Final = 103 if sys.platform == "darwin" else 107
 SOCKET_MODE: Final = 0o600

@@ -1,5 +1,6 @@
-"""Everything that crosses ranks: the vote exchange, failure agreement, a name from rank 0, the choice of vote
-channel, the world-size check and the ``output_dir`` sharing probe. No other module calls ``torch.distributed``.
+"""Everything that crosses ranks: the vote exchange, the :class:`Ranks` of a run (who commits, and the
+stage-shaped collectives sinks and the runtime use), a name from rank 0, the choice of vote channel, the
+world-size check and the ``output_dir`` sharing probe. No other module calls ``torch.distributed``.
 
 Every function here is a collective unless it says otherwise: every rank calls it, in the same order, on the
 training thread. With one process nothing is exchanged.
@@ -11,15 +12,17 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar, cast
 
 import torch
 import torch.distributed as dist
 
 from ckptbus import SetupError
-from ckptbus._coordinator import VOTE_LENGTH, Exchange
+from ckptbus._coordinator import VOTE_LENGTH
+from ckptbus._names import PROBE_PREFIX
 
 from .shared_votes import SharedVotes
 
@@ -27,8 +30,6 @@ logger = logging.getLogger("ckptbus")
 
 REASON_BYTES = 512
 """How much of a failed rank's error message travels to every rank (UTF-8 bytes, one int each)."""
-
-PROBE_PREFIX = ".ckptbus-probe-"
 
 
 class TorchExchange:
@@ -144,35 +145,129 @@ def uses_nccl() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"
 
 
-def agree(exchange: Exchange, rank: int, what: str, stage: Callable[[], None]) -> str | None:
-    """Run ``stage`` here, then agree with every rank: None if it worked everywhere, else why not.
+T = TypeVar("T")
 
-    The collective is also the barrier between stages. When some rank failed,
-    a second collective carries the message of the highest failed rank to
-    every rank, so the ``save_failed`` event on the main process (and the
-    reply to a waiting ``ckptbus request``) says what went wrong; a rank that
-    failed itself reports its own error.
+
+class Collective(Protocol):
+    """A run's collective as :class:`TorchExchange` offers it (a test's exchange between threads offers the same)."""
+
+    world_size: int
+
+    def __call__(self, vote: Sequence[int]) -> list[int]: ...
+
+    def start(self, vote: Sequence[int]) -> Any: ...
+
+    def all_gather(self, obj: Any) -> list[Any]: ...
+
+    def broadcast_name(self, name: str) -> str: ...
+
+    def on_host(self) -> Collective: ...
+
+    def timeout(self) -> timedelta: ...
+
+
+class StageFailed(Exception):
+    """A stage of a save failed on some rank, and every rank knows it (raised by :meth:`Ranks.agree` on every rank).
+
+    ``str(exc)`` names the stage, the rank and its error: the words a ``save_failed`` event carries.
     """
-    error: str | None = None
-    try:
-        stage()
-    except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        logger.error("ckptbus: rank %d: %s failed: %s", rank, what, error, exc_info=exc)
-    failed_rank = exchange([rank + 1 if error is not None else 0])[0] - 1
-    if failed_rank < 0:
-        return None
-    message = f"{what} failed on rank {failed_rank}: {error}".encode()[:REASON_BYTES]
-    vote = [0] * REASON_BYTES
-    if rank == failed_rank:
-        vote[: len(message)] = message
-    shared = bytes(b for b in exchange(vote) if b).decode("utf-8", "replace")
-    return shared if error is None or rank == failed_rank else f"{what} failed on rank {rank}: {error}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Ranks:
+    """The ranks of one run, as this rank sees them: who it is, who commits, and the collectives stages use.
+
+    Handed by the runtime to its sink: a sink asks this object, never the
+    runtime, whether it commits and whether a stage worked everywhere.
+    Every method is a collective: every rank calls it, in the same order,
+    on the training thread (with one process nothing is exchanged).
+    """
+
+    collective: Collective | None = None
+    """The run's collective; None for one process (and before a Trainer's ranks are known)."""
+    rank: int = 0
+    local_rank: int = 0
+    save_on_each_node: bool = False
+    """One copy of each checkpoint per machine (accelerate's ``save_on_each_node``): a committer per machine."""
+
+    @classmethod
+    def of(cls, collective: Collective, *, rank: int, local_rank: int, save_on_each_node: bool) -> Ranks:
+        """The ranks of a run with ``collective`` (its ``world_size`` ranks), seen from ``rank``."""
+        return cls(
+            collective=collective if collective.world_size > 1 else None,
+            rank=rank,
+            local_rank=local_rank,
+            save_on_each_node=save_on_each_node,
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.collective.world_size if self.collective is not None else 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: logs once per run, writes the event log."""
+        return self.rank == 0
+
+    @property
+    def committer(self) -> bool:
+        """Whether this rank is the main process of its filesystem: it locks ``output_dir``, resolves a resume,
+        creates staging, commits and rotates. The main process; with ``save_on_each_node`` the main process of
+        each machine (each has its own copy). The one place this rule is written."""
+        return self.rank == 0 or (self.save_on_each_node and self.local_rank == 0)
+
+    def max(self, vote: Sequence[int]) -> list[int]:
+        """Element-wise maximum of ``vote`` over the ranks."""
+        return self.collective(vote) if self.collective is not None else list(vote)
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's small picklable ``obj``, in rank order."""
+        return self.collective.all_gather(obj) if self.collective is not None else [obj]
+
+    def all_equal(self, value: int) -> bool:
+        """Whether every rank passed the same ``value`` (one collective)."""
+        highest, minus_lowest = self.max([value, -value])
+        return highest == -minus_lowest
+
+    def first_refusal(self, refusal: str | None) -> str | None:
+        """This rank's ``refusal``, else the lowest other rank's, else None (a refusal anywhere is one everywhere)."""
+        others = [r for r in self.gather(refusal) if r is not None]
+        return refusal if refusal is not None else (others[0] if others else None)
+
+    def agree(self, what: str, stage: Callable[[], T]) -> T:
+        """Run ``stage`` here, then agree with every rank that it worked; return what it returned on this rank.
+
+        Raises :class:`StageFailed` on every rank when it raised on any. The
+        collective is also the barrier between stages. When some rank
+        failed, a second collective carries the message of the highest
+        failed rank to every rank, so the ``save_failed`` event on the main
+        process (and the reply to a waiting ``ckptbus request``) says what
+        went wrong; a rank that failed itself reports its own error.
+        """
+        error: str | None = None
+        value: T | None = None
+        try:
+            value = stage()
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+            logger.error("ckptbus: rank %d: %s failed: %s", self.rank, what, error, exc_info=exc)
+        failed_rank = self.max([self.rank + 1 if error is not None else 0])[0] - 1
+        if failed_rank < 0:
+            # The stage returned normally here (its value may be None: a stage that returns nothing).
+            return cast(T, value)
+        message = f"{what} failed on rank {failed_rank}: {error}".encode()[:REASON_BYTES]
+        vote = [0] * REASON_BYTES
+        if self.rank == failed_rank:
+            vote[: len(message)] = message
+        shared = bytes(b for b in self.max(vote) if b).decode("utf-8", "replace")
+        raise StageFailed(
+            shared if error is None or self.rank == failed_rank else f"{what} failed on rank {self.rank}: {error}"
+        )
 
 
 def open_votes(
-    rank: int, collective: TorchExchange, length: int = VOTE_LENGTH
-) -> tuple[SharedVotes | None, SharedVotes | TorchExchange]:
+    rank: int, collective: Collective, length: int = VOTE_LENGTH
+) -> tuple[SharedVotes | None, SharedVotes | Collective]:
     """The Coordinator's votes of a run: (the shared votes, if any, to close at the end; the exchange to vote with).
 
     ``length``: ints in one vote (the coordinator's ``vote_length``). Ranks
@@ -189,7 +284,7 @@ def open_votes(
 
 def check_output_dir_layout(
     output_dir: Path,
-    exchange: TorchExchange,
+    exchange: Collective,
     *,
     is_main: bool,
     is_local_main: bool,

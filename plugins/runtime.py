@@ -1,18 +1,35 @@
-"""The runtime of one run: what every adapter shares, owned once.
+"""The runtime of one run: the step protocol, owned once, under every adapter.
 
-It holds the bus, the trigger sources, the votes, the coordinator, the event
-log and the run's saved / stop / failure state, and answers status, request,
-exit code, resume resolution and shutdown. An adapter (the accelerate loop,
-the ``transformers.Trainer`` callback, axolotl) supplies only what differs:
-where a step ends, and how a checkpoint is written.
+It holds the bus, the trigger sources, the votes, the coordinator, the sink,
+the event log and the run's saved / stop / failure state, and answers
+status, request, exit code, resume resolution and shutdown. An adapter (the
+accelerate loop, the ``transformers.Trainer`` callback, axolotl) only
+translates its framework's hooks into the calls below and hands over its
+sink (how a checkpoint is written: ckptbus/_sink.py).
 
 The life of a runtime, on every rank::
 
-    runtime = Runtime(config, sources=...)      # sources checked here
-    runtime.start(exchange, rank=..., ...)      # collective: layout probe, vote channel; sources start
-    ...  runtime.poll(step); decision = runtime.decide(step)   # at each step boundary
-         ... the adapter writes, then runtime.completed(...) / runtime.failed(...)
-    runtime.shutdown("training ended")          # no collective
+    runtime = Runtime(config, sink, sources=...)     # sources and sink checked here
+    runtime.start(ranks)                             # collective: layout probe, lock, votes; sources, sink start
+    ...  if runtime.step_boundary(step): break       # at each step boundary (collective at due steps)
+    runtime.close()                                  # collective: serve what is pending, then release
+    # or, on an error path: runtime.abort(why)       # no collective: pending requests fail
+
+One step boundary (:meth:`Runtime.step_boundary`), always in this order:
+
+1. every source polls (the trigger file, a signal that arrived, the launcher);
+2. a save in flight is polled (``async``: one small collective; at a
+   scheduled step it is waited for, so the schedule is kept) or, for a
+   ``deferred`` save the framework never made, failed;
+3. with no save in flight and no stop agreed, the ranks vote
+   (:meth:`Coordinator.decide`);
+4. a decision is carried out: answered from disk if this step is already
+   saved in a kind that covers it, else ``save_started`` is published and the
+   sink writes it the way it planned (``sync``, ``async``, ``deferred``);
+   an ``async`` save that asked the run to stop is settled before returning;
+5. the stop is recorded if the decision asked for it.
+
+Only the runtime publishes ``save_started``, ``save_completed`` and ``save_failed``.
 """
 
 from __future__ import annotations
@@ -21,9 +38,8 @@ import logging
 import os
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 from ckptbus import (
     Bus,
@@ -34,17 +50,19 @@ from ckptbus import (
     SaveFailed,
     SaveKind,
     SaveRequested,
+    SaveStarted,
     SetupError,
 )
 from ckptbus._coordinator import Coordinator, Decision, exit_status, reason_table
-from ckptbus._eventlog import EVENT_LOG_NAME
 from ckptbus._layout import CheckpointInfo, checkpoint_path, read_checkpoint, rotate
 from ckptbus._lock import OutputDirLock, acquire
 from ckptbus._logging import set_up as set_up_logging
+from ckptbus._names import EVENT_LOG_NAME
 from ckptbus._resume import LATEST, LATEST_OR_FRESH, Resolution, resolve
-from ckptbus._source import RunInfo, TriggerSource, check_source, close_all
+from ckptbus._sink import Outcome, SaveMode, SaveRecord, Sink, Written, check_sink
+from ckptbus._source import RegisteredSource, RunInfo, close_all, register_source
 
-from .distributed import TorchExchange, agree, check_output_dir_layout, open_votes
+from .distributed import Ranks, check_output_dir_layout, open_votes
 from .shared_votes import SharedVotes
 from .sources.file import FileTrigger
 from .sources.launcher import LauncherWatch
@@ -54,12 +72,12 @@ from .sources.unix_socket import UnixSocketTrigger
 logger = logging.getLogger("ckptbus")
 
 
-def builtin_sources(config: CheckpointConfig) -> list[TriggerSource]:
+def builtin_sources(config: CheckpointConfig) -> list[object]:
     """ckptbus's own trigger sources, as the config asks for them (each acts on the ranks it should)."""
     dyn = config.dynamic_checkpoint
     if not dyn.enabled:
         return []
-    sources: list[TriggerSource] = [FileTrigger(dyn.trigger_file_path, check_interval=dyn.check_interval)]
+    sources: list[object] = [FileTrigger(dyn.trigger_file_path, check_interval=dyn.check_interval)]
     if any(action != "none" for action in dyn.signals.actions().values()):
         sources.append(SignalTrigger(dyn.signals.actions(), debounce_seconds=dyn.signals.debounce_seconds))
     if dyn.on_launcher_exit != "none":
@@ -73,35 +91,45 @@ def _not_started(vote: object) -> list[int]:
     raise RuntimeError("ckptbus: the ranks cannot vote before the runtime is started")
 
 
+class _InFlight:
+    """The save begun at a step boundary and not settled yet: its decision, how it goes, when it started."""
+
+    __slots__ = ("decision", "mode", "started")
+
+    def __init__(self, decision: Decision, mode: SaveMode, started: float) -> None:
+        self.decision, self.mode, self.started = decision, mode, started
+
+
 class Runtime:
     """One run's checkpointing state and machinery, shared by every adapter. See the module docstring.
 
+    ``sink`` writes the run's checkpoints (:class:`~ckptbus._sink.Sink`).
     ``sources`` adds trigger sources of the user's own to those the config
-    enables; each is checked here (:func:`~ckptbus._source.check_source`), so
-    a wrong object fails before training starts. Requests published on
-    :attr:`bus` before :meth:`start` wait for the first vote.
+    enables. Both are checked here (:func:`~ckptbus._source.register_source`,
+    :func:`~ckptbus._sink.check_sink`), so a wrong object fails before
+    training starts. Requests published on :attr:`bus` before :meth:`start`
+    wait for the first vote.
     """
 
-    def __init__(self, config: CheckpointConfig, *, sources: Iterable[object] = ()) -> None:
+    def __init__(self, config: CheckpointConfig, sink: object, *, sources: Iterable[object] = ()) -> None:
         set_up_logging()
         self.config = config
         self.bus = Bus()
         """The run's bus: subscribe to ``save_completed`` and friends here."""
-        self.sources: list[TriggerSource] = builtin_sources(config) + [check_source(s) for s in sources]
-        self.signals = next((s for s in self.sources if isinstance(s, SignalTrigger)), None)
+        self.sink: Sink = check_sink(sink)
+        self.sources: list[RegisteredSource] = [register_source(s) for s in (*builtin_sources(config), *sources)]
         dyn = config.dynamic_checkpoint
         self.coordinator = Coordinator(
             _not_started,
             check_interval=dyn.check_interval,
             save_steps=config.save_steps,
             # A source that must be honoured within a step (signals, the launcher watch) has ranks vote every step.
-            every_step=any(getattr(s, "urgent", False) for s in self.sources),
-            reasons=reason_table(r for s in self.sources if isinstance(r := getattr(s, "reason", None), str)),
+            every_step=any(s.urgent for s in self.sources),
+            reasons=reason_table(s.reason for s in self.sources if s.reason is not None),
         )
         self.bus.subscribe("save_requested", self.coordinator.enqueue)
-        self.exchange: TorchExchange | None = None
-        self.rank = 0
-        self.world_size = 1
+        self.ranks = Ranks()
+        """Who this rank is and the run's collectives (one process until :meth:`start`)."""
         self.last_step = 0
         self.stopped = False
         self.running = False
@@ -109,11 +137,9 @@ class Runtime:
         self._stop_unfinished = False
         self._failed_save: SaveFailed | None = None
         self._saved: dict[int, SaveCompleted] = {}
+        self._in_flight: _InFlight | None = None
         self._votes: SharedVotes | None = None
         self._event_log: EventLog | None = None
-        # Whether this rank reads (verifies) and locks for its filesystem: the main process, or with
-        # save_on_each_node each machine's local main process. Every rank before start() (nothing to agree with).
-        self._filesystem_main = True
         self._output_dir_lock: OutputDirLock | None = None
 
     @property
@@ -121,63 +147,77 @@ class Runtime:
         """The run's output_dir, absolute: paths in events, replies and logs mean the same from any directory."""
         return Path(os.path.abspath(self.config.output_dir))
 
+    @property
+    def world_size(self) -> int:
+        return self.ranks.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.ranks.rank
+
     # -- start --------------------------------------------------------------
 
-    def start(
-        self,
-        exchange: TorchExchange,
-        *,
-        rank: int,
-        local_rank: int,
-        save_on_each_node: bool,
-        step: int = 0,
-    ) -> None:
+    def start(self, ranks: Ranks, *, step: int = 0) -> None:
         """Collective (every rank calls it): check the output_dir layout, take the output_dir lock (one run per
-        output_dir, released by :meth:`shutdown`), open the votes, start the sources.
+        output_dir, released at the end), open the votes, start the sources and the sink.
 
         Raises :class:`~ckptbus.SetupError` on every rank for an output_dir
         whose sharing does not match ``save_on_each_node``, an output_dir
         another run holds (naming it), or ranks whose sources declare
         different reasons.
         """
-        self.exchange = exchange
-        self.rank = rank
-        self.world_size = exchange.world_size
-        set_up_logging(local_rank)
+        self.ranks = ranks
+        set_up_logging(ranks.local_rank)
         self.last_step = step
         self.stopped = False
         self._stop_signum = 0
         self._stop_unfinished = False
         self._failed_save = None
+        self._in_flight = None
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        check_output_dir_layout(
-            self.output_dir,
-            exchange,
-            is_main=rank == 0,
-            is_local_main=local_rank == 0,
-            save_on_each_node=save_on_each_node,
-        )
-        self._filesystem_main = rank == 0 or (save_on_each_node and local_rank == 0)
+        if ranks.collective is not None:
+            check_output_dir_layout(
+                self.output_dir,
+                ranks.collective,
+                is_main=ranks.is_main,
+                is_local_main=ranks.local_rank == 0,
+                save_on_each_node=ranks.save_on_each_node,
+            )
         self._lock_output_dir()
-        self._check_same_reasons()
-        self._votes, votes = open_votes(rank, exchange, self.coordinator.vote_length)
-        self.coordinator.exchange = votes
-        # Pipelined: a vote started at one step is read at the next, while it computes (Coordinator docs).
-        self.coordinator.start_exchange = votes.start if self.world_size > 1 else None
-        if self.config.dynamic_checkpoint.event_log and rank == 0:
+        # Votes line up only if every rank has the same reason table and votes at the same steps.
+        table = "\0".join((*self.coordinator.reasons, f"every_step={self.coordinator.every_step}"))
+        if not ranks.all_equal(zlib.crc32(table.encode())):
+            raise SetupError(
+                "the ranks run trigger sources with different reasons or urgency (votes would not line up): pass "
+                "the same sources=... on every rank; a source that should act on one rank only can check run.rank "
+                "in start()"
+            )
+        if ranks.collective is not None:
+            self._votes, votes = open_votes(ranks.rank, ranks.collective, self.coordinator.vote_length)
+            self.coordinator.exchange = votes
+            # Pipelined: a vote started at one step is read at the next, while it computes (Coordinator docs).
+            self.coordinator.start_exchange = votes.start
+        else:
+            self.coordinator.exchange = list
+        if self.config.dynamic_checkpoint.event_log and ranks.is_main:
             self._event_log = EventLog(self.output_dir / EVENT_LOG_NAME).attach(self.bus)
         run = RunInfo(
-            rank=rank, world_size=self.world_size, local_rank=local_rank, output_dir=self.output_dir, status=self.status
+            rank=ranks.rank,
+            world_size=ranks.world_size,
+            local_rank=ranks.local_rank,
+            output_dir=self.output_dir,
+            status=self.status,
         )
         self.running = True
         for source in self.sources:
             source.start(self.bus, run)
+        self.sink.start(ranks, self.output_dir)
 
     def _lock_output_dir(self) -> None:
         """Collective: one run per output_dir. The filesystem's main rank takes the lock (ckptbus/_lock.py);
         a refusal there is a :class:`~ckptbus.SetupError` on every rank, before anything is written."""
         refusal: str | None = None
-        if self._filesystem_main:
+        if self.ranks.committer:
             try:
                 self._output_dir_lock = acquire(self.output_dir)
             except SetupError as exc:
@@ -191,7 +231,7 @@ class Runtime:
                     self.output_dir,
                     exc.strerror,
                 )
-        refusal = self._refused_anywhere(refusal)
+        refusal = self.ranks.first_refusal(refusal)
         if refusal is not None:
             self._release_output_dir()
             raise SetupError(refusal)
@@ -201,130 +241,138 @@ class Runtime:
             self._output_dir_lock.release()
             self._output_dir_lock = None
 
-    def _check_same_reasons(self) -> None:
-        table = "\0".join(self.coordinator.reasons).encode()
-        crc = zlib.crc32(table)
-        highest, minus_lowest = self.agreed([crc, -crc])
-        if highest != -minus_lowest:
-            raise SetupError(
-                "the ranks run trigger sources with different reasons (votes would not line up): pass the same "
-                "sources=... on every rank; a source that should act on one rank only can check run.rank in start()"
-            )
+    # -- the step protocol ----------------------------------------------------
 
-    # -- each step ----------------------------------------------------------
+    def step_boundary(self, step: int, *, force: bool = False, framework_saves: bool = False) -> bool:
+        """The whole protocol at the boundary after optimizer step ``step`` (module docstring); on every rank.
+        Returns True when training must stop.
 
-    def poll(self, step: int) -> None:
-        """Every source looks at this step boundary (before the ranks vote)."""
+        ``force``: vote even if this step is not due (the last step of a
+        Trainer, so requests still pending are saved by it).
+        ``framework_saves``: the framework writes a checkpoint of this step
+        on its own schedule (the Trainer's ``save_strategy``); it is recorded
+        like a scheduled ckptbus save, merged with any request.
+        """
         self.last_step = step
         for source in self.sources:
             source.poll(step)
+        flight = self._in_flight
+        if flight is not None and flight.mode == "deferred":
+            self._in_flight = None
+            self.sink.abandon()
+            self._publish_failed(flight.decision, "the framework did not save at the agreed step")
+        elif flight is not None:
+            # One small collective per step until it is committed. A scheduled save must not be skipped, so at its
+            # step training waits for the one in flight.
+            self._settle(self.sink.poll(wait=self.coordinator.is_scheduled(step)))
+        if self._in_flight is None and not self.stopped:
+            # While a save is in flight no new one is decided: requests stay pending until it is committed.
+            decision = self.coordinator.decide(step, force=force)
+            if decision is None and framework_saves:
+                decision = Decision(step, "full", False, ("schedule",), ())
+            if decision is not None:
+                self._carry_out(decision)
+        return self.stopped
 
-    def decide(self, step: int, *, force: bool = False, scheduled: bool = True) -> Decision | None:
-        """Collective at due steps: what every rank agreed to save now, or None (:meth:`Coordinator.decide`)."""
-        return self.coordinator.decide(step, force=force, scheduled=scheduled)
+    def framework_saved(self, step: int) -> None:
+        """The framework wrote its checkpoint of ``step`` (a ``deferred`` sink: the Trainer's ``on_save``); on
+        every rank. Completes the save begun at this step's boundary, or one the framework made on its own
+        (a save at an epoch's end), which is recorded as scheduled."""
+        flight = self._in_flight
+        if flight is None or flight.decision.step != step:
+            self._carry_out(Decision(step, "full", False, ("schedule",), ()))
+        self._settle(self.sink.poll(wait=True))
 
-    def already_saved(self, decision: Decision) -> SaveCompleted | None:
-        """If this step is on disk in a kind that covers ``decision``, answer the requests with it and return it."""
-        earlier = self._saved.get(decision.step)
-        if earlier is None or (earlier.kind != "full" and decision.kind != "weights"):
-            return None
-        answer = SaveCompleted(
-            path=earlier.path, bytes=earlier.bytes, seconds=0.0, **decision.event_fields(kind=earlier.kind)
-        )
-        self.bus.publish(answer)
-        return answer
+    def _carry_out(self, decision: Decision) -> None:
+        self._carry_out_planned(*self.sink.plan(decision))
 
-    def stop_after(self, decision: Decision) -> None:
-        """Record that the ranks stop at this step if ``decision`` asked for it (with its signal, for the exit code)."""
+    def _carry_out_planned(self, decision: Decision, mode: SaveMode) -> None:
+        if not self._answer_from_disk(decision):
+            record = SaveRecord.of(decision, self.world_size)
+            self.bus.publish(
+                SaveStarted(path=str(checkpoint_path(self.output_dir, decision.step)), **decision.event_fields())
+            )
+            started = time.perf_counter()
+            if mode == "sync":
+                self._in_flight = _InFlight(decision, mode, started)
+                self._settle(self.sink.execute(record))
+            else:
+                failure = self.sink.begin(record)
+                self._in_flight = _InFlight(decision, mode, started)
+                if failure is not None:
+                    self._settle(failure)
+                elif mode == "async" and decision.exit_after:
+                    self._settle(self.sink.poll(wait=True))  # training stops at this step: the save must be committed
         if decision.exit_after:
             self.stopped = True
             self._stop_signum = self._stop_signum or decision.signum
             # A stop no signal asked for but the loss of the launcher did: the run did not finish, say so.
             self._stop_unfinished = self._stop_unfinished or "launcher" in decision.reasons
 
-    def agreed(self, vote: Sequence[int]) -> list[int]:
-        """Element-wise maximum of ``vote`` over the ranks (the run's collective; identity before start)."""
-        return self.exchange(vote) if self.exchange is not None else list(vote)
-
-    def gathered(self, obj: Any) -> list[Any]:
-        """Every rank's small picklable ``obj``, in rank order (the run's collective; ``[obj]`` before start)."""
-        return self.exchange.all_gather(obj) if self.exchange is not None else [obj]
-
-    def agree(self, what: str, stage: Callable[[], None]) -> str | None:
-        """Run ``stage`` here and agree with every rank whether it worked: None, or why not (plugins/distributed.py)."""
-        return agree(self.agreed, self.rank, what, stage)
+    def _answer_from_disk(self, decision: Decision) -> bool:
+        """If this step is on disk in a kind that covers ``decision``, answer the requests with it."""
+        earlier = self._saved.get(decision.step)
+        if earlier is None or (earlier.kind != "full" and decision.kind != "weights"):
+            return False
+        self.bus.publish(
+            SaveCompleted(
+                path=earlier.path, bytes=earlier.bytes, seconds=0.0, **decision.event_fields(kind=earlier.kind)
+            )
+        )
+        return True
 
     # -- the outcome of a save ----------------------------------------------
 
-    def failed(self, decision: Decision, kind: SaveKind, error: str) -> SaveFailed:
-        """Every rank agreed that the save of ``decision`` failed: log it once, publish it, record it."""
-        if self.rank == 0:
-            logger.error("ckptbus: %s checkpoint at step %d failed: %s", kind, decision.step, error)
-        outcome = SaveFailed(error=error, **decision.event_fields(kind))
+    def _settle(self, outcome: Outcome | None) -> None:
+        """Publish and record the agreed outcome of the save in flight (None: it has not ended yet)."""
+        flight = self._in_flight
+        if outcome is None or flight is None:
+            return
+        self._in_flight = None
+        if isinstance(outcome, Written):
+            self._completed(flight, outcome)
+        else:
+            self._publish_failed(flight.decision, outcome.error)
+
+    def _publish_failed(self, decision: Decision, error: str) -> None:
+        if self.ranks.is_main:
+            logger.error("ckptbus: %s checkpoint at step %d failed: %s", decision.kind, decision.step, error)
+        outcome = SaveFailed(error=error, **decision.event_fields())
         self.bus.publish(outcome)
-        self.settle(outcome)
-        return outcome
+        if self.config.dynamic_checkpoint.on_save_failure == "stop":
+            # Every rank got the same agreed outcome, so every rank stops at this step.
+            self.stopped = True
+            self._failed_save = outcome
 
-    def completed(
-        self,
-        decision: Decision,
-        kind: SaveKind,
-        path: Path,
-        *,
-        committer: bool,
-        figures: tuple[int, float, float],
-        started: float,
-    ) -> SaveCompleted:
-        """Every rank agreed that ``path`` is committed: rotate older checkpoints, then publish and record it.
-
-        ``figures`` are the committer's bytes, stall and write seconds (as in
-        the manifest); they travel to every rank in one collective.
-        """
-        seconds = time.perf_counter() - started
-        if committer:
-            self._rotate(path)
-        nbytes, stall_ms, write_ms = self.agreed([figures[0], round(figures[1] * 1000), round(figures[2] * 1000)])
-        if self.rank == 0:
+    def _completed(self, flight: _InFlight, written: Written) -> None:
+        """Every rank agreed the checkpoint is committed: rotate older ones, then publish and record it. The
+        committer's figures (as in its manifest) travel to every rank in one collective."""
+        seconds = time.perf_counter() - flight.started
+        if self.ranks.committer:
+            self._rotate(written.path)
+        nbytes, stall_ms, write_ms = self.ranks.max(
+            [written.bytes, round(written.stall_seconds * 1000), round(written.write_seconds * 1000)]
+        )
+        decision = flight.decision
+        if self.ranks.is_main:
             logger.info(
                 "ckptbus: saved %s checkpoint %s (%d bytes) in %.2f s (training held %.2f s)",
-                kind,
-                path,
+                decision.kind,
+                written.path,
                 nbytes,
                 seconds,
                 stall_ms / 1000,
             )
         outcome = SaveCompleted(
-            path=str(path),
+            path=str(written.path),
             bytes=nbytes,
             seconds=seconds,
             stall_seconds=stall_ms / 1000,
             write_seconds=write_ms / 1000,
-            **decision.event_fields(kind),
+            **decision.event_fields(),
         )
         self.bus.publish(outcome)
-        self.settle(outcome)
-        return outcome
-
-    def settle(self, outcome: SaveCompleted | SaveFailed | None) -> None:
-        """Record the agreed outcome of a save (None: nothing ended yet)."""
-        if isinstance(outcome, SaveCompleted):
-            self._saved[outcome.step] = outcome
-        elif outcome is not None and self.config.dynamic_checkpoint.on_save_failure == "stop":
-            # Every rank got the same agreed outcome, so every rank stops at this step.
-            self.stopped = True
-            self._failed_save = outcome
-
-    def manifest_fields(self, decision: Decision, kind: SaveKind) -> dict[str, Any]:
-        """What the manifest of this save records besides its files and times."""
-        fields = decision.event_fields(kind)
-        return {
-            "step": decision.step,
-            "kind": kind,
-            "reason": decision.reason,
-            "world_size": self.world_size,
-            "labels": list(fields["labels"]),
-            "request_ids": list(fields["request_ids"]),
-        }
+        self._saved[outcome.step] = outcome
 
     def _rotate(self, final: Path) -> None:
         limit = self.config.save_total_limit
@@ -341,7 +389,7 @@ class Runtime:
     @property
     def stop_requested(self) -> bool:
         """True once training must stop, or a stopping signal reached this rank and waits for the next vote."""
-        return self.stopped or (self.signals is not None and self.signals.stop_requested)
+        return self.stopped or any(source.stop_requested() for source in self.sources)
 
     @property
     def exit_code(self) -> int:
@@ -362,6 +410,7 @@ class Runtime:
     def status(self) -> dict[str, object]:
         """A snapshot for status displays; safe to call from any thread (it only reads)."""
         last = self.last_checkpoint
+        votes = "collective" if self.ranks.collective is not None else "none"
         return {
             "step": self.last_step,
             "last_checkpoint": last.path if last else None,
@@ -369,6 +418,11 @@ class Runtime:
             "pending_requests": self.coordinator.pending_count(),
             "world_size": self.world_size,
             "stopping": self.stopped,
+            # How the ranks vote, which sets what a step costs (benchmarks/overhead.py reads both): at every step
+            # (a source must be honoured within one) or every check_interval steps; through shared memory (one
+            # machine), a collective (between machines, or CKPTBUS_VOTES=collective), or not at all (one process).
+            "votes_every_step": self.coordinator.every_step,
+            "votes": "shared_memory" if self._votes is not None else votes,
         }
 
     def request(self, kind: SaveKind = "full", *, label: str | None = None, exit_after: bool = False) -> str:
@@ -398,13 +452,13 @@ class Runtime:
         target = os.fspath(target)
         resolution: Resolution | None = None
         refusal: str | None = None
-        if self._filesystem_main:
+        if self.ranks.committer:
             try:
                 resolution = self._resolve(target)
             except CheckpointError as exc:
                 refusal = str(exc)
         step = resolution.info.step if resolution is not None and resolution.info is not None else None
-        answers = [a for a in self.gathered((step, refusal) if self._filesystem_main else None) if a is not None]
+        answers = [a for a in self.ranks.gather((step, refusal) if self.ranks.committer else None) if a is not None]
         refusals = [r for _, r in answers if r is not None]
         if refusals:
             raise CheckpointError(refusal or refusals[0])
@@ -424,7 +478,7 @@ class Runtime:
                 info = self._agreed_checkpoint(target, steps[0])
             except CheckpointError as exc:
                 refusal = str(exc)
-        refusal = self._refused_anywhere(refusal)
+        refusal = self.ranks.first_refusal(refusal)
         if refusal is not None or info is None:
             raise CheckpointError(refusal or f"resume from {target!r} failed on another rank (see its log)")
         if info.manifest.world_size != self.world_size and self.running:
@@ -467,29 +521,68 @@ class Runtime:
     def loaded(self, info: CheckpointInfo, error: CheckpointError | None) -> None:
         """Collective, after every rank loaded ``info`` (or failed to): a failure on any rank is a
         :class:`~ckptbus.CheckpointError` on every rank, with the words of the rank that failed."""
-        refusal = self._refused_anywhere(str(error) if error is not None else None)
+        refusal = self.ranks.first_refusal(str(error) if error is not None else None)
         if refusal is not None:
             raise error if error is not None else CheckpointError(refusal)
         self.last_step = info.step
 
-    def _refused_anywhere(self, refusal: str | None) -> str | None:
-        """Collective: this rank's refusal, else the lowest other rank's, else None."""
-        others = [r for r in self.gathered(refusal) if r is not None]
-        return refusal if refusal is not None else (others[0] if others else None)
-
     # -- the end ------------------------------------------------------------
 
-    def shutdown(self, why: str, *, abandoned: dict[str, Any] | None = None) -> None:
-        """Release everything without any collective: a save that was not committed and every pending request
-        fail with ``why``; the sources stop; the votes close; the output_dir is free for the next run. Safe to
-        call twice."""
+    def close(self, *, serve: bool = True) -> None:
+        """End of training, on every rank (a collective): serve what is pending, then release everything.
+
+        A stopping signal that arrived after the last step still gets its
+        save; a save in flight is settled (an ``async`` one committed, a
+        ``deferred`` one the framework did not make failed); requests still
+        pending are saved at the last step. ``serve=False`` is for a
+        framework that cannot write any more (the Trainer after its last
+        step, whose last boundary already voted with ``force``): what is
+        pending then fails with "training ended". Safe to call twice.
+        """
+        if not self.running:
+            self._release_output_dir()  # (a start() that failed after taking it)
+            return
+        try:
+            if serve:
+                for source in self.sources:
+                    if source.urgent:
+                        source.poll(self.last_step)  # a signal after the last step still gets its save
+                flight = self._in_flight
+                if flight is not None and flight.mode == "async":
+                    self._settle(self.sink.poll(wait=True))  # an asynchronous save in flight is committed first
+                if self._in_flight is None:
+                    decision = self.coordinator.decide(self.last_step, force=True, scheduled=False)
+                    planned = self.sink.plan(decision) if decision is not None else None
+                    if planned is not None and planned[1] != "deferred":
+                        self._carry_out_planned(*planned)
+                        if self._in_flight is not None:
+                            self._settle(self.sink.poll(wait=True))  # begun asynchronously: committed before the end
+                    elif planned is not None:
+                        # Not a failed save (the run finished): requests that came too late, answered as such.
+                        self.bus.publish(
+                            SaveFailed(
+                                error="training ended before the framework could save", **planned[0].event_fields()
+                            )
+                        )
+        finally:
+            self.abort("training ended")
+
+    def abort(self, why: str) -> None:
+        """Release everything without any collective (error paths, and the end of :meth:`close`): a save not
+        committed and every pending request fail with ``why``; the sources stop; the votes close; the
+        output_dir is free for the next run. Safe to call twice."""
         if not self.running:
             self._release_output_dir()  # (a start() that failed after taking it)
             return
         self.running = False
-        if abandoned is not None:
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None:
+            self.sink.abandon()
             self.bus.publish(
-                SaveFailed(**abandoned, error=f"{why} before the checkpoint was committed; it was not made visible")
+                SaveFailed(
+                    error=f"{why} before the checkpoint was committed; it was not made visible",
+                    **flight.decision.event_fields(),
+                )
             )
         for request in self.coordinator.drain():
             self.bus.publish(SaveFailed.unserved(request, self.last_step, f"{why} before the request could be served"))
@@ -501,6 +594,10 @@ class Runtime:
             self._event_log.detach()
             self._event_log = None
         self._release_output_dir()  # last: the next run may start once everything here is closed
+
+    def shutdown(self, why: str) -> None:
+        """Alias of :meth:`abort` (no collective), kept for scripts written against it."""
+        self.abort(why)
 
 
 class RunControls:

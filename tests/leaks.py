@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from procs import wait_for
+from testkit.procs import wait_for
 
 OWNER_ENV = "CKPTBUS_TESTS_OWNER"
 """Set to the pid of the pytest process; every process a test starts inherits it."""

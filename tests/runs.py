@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from procs import descendants, free_port, process_env, wait_for
+
+from testkit.procs import descendants, free_port, process_env, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -38,9 +39,9 @@ BASE_CONFIG: dict[str, Any] = {
 }
 
 
-def accelerate_launch(script: Path | str, *args: str, processes: int = 2) -> list[str]:
+def accelerate_launch(script: Path | str, *args: str, processes: int = 2, module: bool = False) -> list[str]:
     """``accelerate launch`` of ``script`` with ``args`` on ``processes`` CPU ranks (``--multi_gpu`` from 2),
-    on a free port."""
+    on a free port. ``module``: ``script`` is a module name, run as ``python -m`` would (``-m benchmarks.x``)."""
     multi = ["--multi_gpu"] if processes > 1 else []
     return [
         str(BIN / "accelerate"),
@@ -50,6 +51,7 @@ def accelerate_launch(script: Path | str, *args: str, processes: int = 2) -> lis
         str(processes),
         "--main_process_port",
         str(free_port()),
+        *(["-m"] if module else []),
         str(script),
         *args,
     ]
@@ -100,11 +102,13 @@ class TrainingRun:
 
     # -- process ------------------------------------------------------------
 
-    def start(self, command: Sequence[str] | None = None) -> TrainingRun:
+    def start(self, command: Sequence[str] | None = None, *, cwd: Path | None = None) -> TrainingRun:
         """Start the run: train.py on this run's config, or ``command``, a whole command line of its own.
 
         ``command`` is given here, once the run exists, because it usually
-        names this run's ``config_path`` or ``output_dir``.
+        names this run's ``config_path`` or ``output_dir``. ``cwd``: where it
+        runs (default: the run's ``workdir``); the repository root for a
+        module of it (``python -m benchmarks.x``).
         """
         if command is not None:
             self.cmd = list(command)
@@ -123,7 +127,7 @@ class TrainingRun:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - held open for the run's lifetime, closed in kill()
         self.proc = subprocess.Popen(
             self.cmd,
-            cwd=self.workdir,
+            cwd=cwd or self.workdir,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from procs import free_port
 from runs import BIN, REPO, TrainingRun
 
 from ckptbus import checkpoint_path, list_checkpoints, read_checkpoint
+from testkit.procs import free_port
 
 CPU_RANKS = Path(__file__).parent / "scripts" / "cpu_ranks.py"
 TRIGGER = "axolotl_checkpoint.save"

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import limit_file_size
 from runs import TrainingRun
 
 from ckptbus import list_checkpoints, read_checkpoint
 from ckptbus._layout import STAGING_PREFIX
+from testkit.procs import limit_file_size
 
 pytestmark = pytest.mark.slow  # torch, and real runs
 

@@ -1,8 +1,9 @@
-"""The bus: private blinker signals, frozen payloads, receivers that raise, the event log."""
+"""The bus: private blinker signals, subscription handles, frozen payloads, receivers that raise, the event log."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import logging
@@ -22,6 +23,7 @@ from ckptbus import (
     SaveFailed,
     SaveRequested,
     SaveStarted,
+    Subscription,
 )
 
 COMMON: dict[str, Any] = {
@@ -94,19 +96,115 @@ def test_subscribe_holds_a_strong_reference() -> None:
     assert len(got) == 1
 
 
-def test_subscribe_returns_the_receiver_and_unsubscribe_disconnects() -> None:
+def test_unsubscribe_disconnects_a_receiver_or_its_handle() -> None:
     bus = Bus()
     got: list[Any] = []
 
     def receiver(event: Any) -> None:
         got.append(event)
 
-    assert bus.subscribe("save_started", receiver) is receiver
+    bus.subscribe("save_started", receiver)
     bus.publish(one_of_each()[1])
     bus.unsubscribe("save_started", receiver)
     bus.unsubscribe("save_started", receiver)  # not connected any more: ignored
     bus.publish(one_of_each()[1])
+    handle = bus.subscribe("save_started", receiver)
+    bus.unsubscribe("save_started", handle)  # the handle stands for its receiver
+    bus.publish(one_of_each()[1])
     assert len(got) == 1
+    assert not bus.save_started.receivers
+
+
+def test_subscribe_returns_a_handle_that_cancels_once() -> None:
+    bus = Bus()
+    got: list[Any] = []
+    handle = bus.subscribe("save_started", got.append)
+    assert isinstance(handle, Subscription)
+    assert (handle.name, handle.receiver, handle.active) == ("save_started", got.append, True)
+    bus.publish(one_of_each()[1])
+    handle.cancel()
+    handle.cancel()  # idempotent
+    assert not handle.active
+    assert "cancelled" in repr(handle)
+    bus.publish(one_of_each()[1])
+    assert len(got) == 1
+
+
+def test_a_late_cancel_does_not_disconnect_a_later_subscription() -> None:
+    bus = Bus()
+    got: list[Any] = []
+    first = bus.subscribe("save_started", got.append)
+    first.cancel()
+    second = bus.subscribe("save_started", got.append)
+    first.cancel()  # cancelled already: must not touch the second connection
+    bus.publish(one_of_each()[1])
+    assert len(got) == 1 and second.active
+
+
+def test_the_same_receiver_twice_is_one_connection() -> None:
+    bus = Bus()
+    got: list[Any] = []
+
+    def receiver(event: Any) -> None:
+        got.append(event)
+
+    first = bus.subscribe("save_started", receiver)
+    bus.subscribe("save_started", receiver)
+    bus.publish(one_of_each()[1])
+    assert len(got) == 1, "called once per event"
+    first.cancel()
+    bus.publish(one_of_each()[1])
+    assert len(got) == 1, "cancelling either handle disconnects the receiver"
+
+
+def test_a_handle_is_a_context_manager() -> None:
+    bus = Bus()
+    got: list[Any] = []
+    with bus.subscribe("save_completed", got.append) as handle:
+        bus.publish(one_of_each()[2])
+        assert handle.active
+    bus.publish(one_of_each()[2])
+    assert len(got) == 1 and not handle.active
+    with pytest.raises(RuntimeError, match="inside"), bus.subscribe("save_completed", got.append):
+        raise RuntimeError("inside")  # an exception in the block disconnects too, and propagates
+    assert not bus.save_completed.receivers
+
+
+def test_a_handle_stands_in_for_its_receiver_where_the_receiver_was_returned() -> None:
+    """subscribe returned the receiver itself before it returned handles; code that kept it still works."""
+    bus = Bus()
+    got: list[Any] = []
+
+    @functools.partial(bus.subscribe, "save_completed")
+    def record(event: SaveCompleted) -> str:
+        got.append(event)
+        return event.path
+
+    event = one_of_each()[2]
+    assert record(event) == "/out/checkpoint-7", "calling the handle calls the receiver"
+    bus.publish(event)
+    assert got == [event, event]
+    assert list(bus.save_completed.receivers.values()) == [record.receiver], "the receiver itself is connected"
+    again = bus.subscribe("save_completed", record)  # a handle given as a receiver stands for its receiver
+    assert again.receiver is record.receiver
+    bus.publish(event)
+    assert len(got) == 3
+
+
+def test_cancel_from_another_thread_while_publishing() -> None:
+    bus = Bus()
+    handles = [bus.subscribe("save_requested", lambda event, n=n: None) for n in range(200)]
+
+    def cancel_all() -> None:
+        for handle in handles:
+            handle.cancel()
+
+    cancelling = threading.Thread(target=cancel_all)
+    cancelling.start()
+    for _ in range(200):
+        bus.publish(SaveRequested())
+    cancelling.join(timeout=30)
+    assert not bus.save_requested.receivers
 
 
 def test_user_code_may_connect_with_blinker_directly() -> None:
@@ -252,7 +350,9 @@ def test_event_log_writes_one_json_line_per_event(tmp_path: Path) -> None:
     for event in events:
         bus.publish(event)
     log.detach()
+    log.detach()  # twice is fine
     bus.publish(SaveRequested())  # after detach: not written
+    assert not any(getattr(bus, name).receivers for name in SIGNAL_NAMES)
     rows = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [row["event"] for row in rows] == [type(e).__name__ for e in events]
     assert rows[2]["path"] == "/out/checkpoint-7"

@@ -27,7 +27,8 @@ from runs import BIN, REPO, TrainingRun
 
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveRequested, list_checkpoints, read_checkpoint
 from ckptbus._layout import rotation_victims
-from ckptbus._socket_path import MAX_SOCKET_PATH_BYTES, POINTER_NAME, SOCKET_NAME
+from ckptbus._names import POINTER_NAME, SOCKET_NAME
+from ckptbus._socket_path import MAX_SOCKET_PATH_BYTES
 from ckptbus._source import RunInfo
 from ckptbus.cli import get_parser, main
 from ckptbus.commands._common import (

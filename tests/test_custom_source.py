@@ -20,7 +20,7 @@ import pytest
 from runs import REPO, TrainingRun, accelerate_launch
 
 from ckptbus import Bus, RunInfo, SetupError, TriggerSource, list_checkpoints
-from ckptbus._source import check_source
+from ckptbus._source import RegisteredSource, check_source, register_source
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -47,6 +47,38 @@ class _BadReason(_Good):
     reason = "Every Hour!"
 
 
+class _UrgentOne(_Good):
+    urgent = 1
+
+
+class _StopMethod(_Good):
+    def stop_requested(self) -> bool:
+        return False
+
+
+class _Stopping(_Good):
+    """A source whose stop request comes and goes (a property, read each time)."""
+
+    urgent = True
+
+    def __init__(self) -> None:
+        self.stop = False
+        self.calls: list[str] = []
+
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop
+
+    def start(self, bus: Bus, run: RunInfo) -> None:
+        self.calls.append("start")
+
+    def poll(self, step: int) -> None:
+        self.calls.append(f"poll {step}")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
 @pytest.mark.parametrize(
     ("source", "message"),
     [
@@ -54,9 +86,13 @@ class _BadReason(_Good):
         (lambda: None, "has no start, poll, close method"),
         (_OldStart(), r"start\(\) must take the run's bus and facts"),
         (_BadReason(), "reason 'Every Hour!' must be a short lower-case name"),
+        (_UrgentOne(), r"trigger source .*_UrgentOne.*: urgent must be a bool, got 1; allowed: True \(the ranks"),
+        (_StopMethod(), r": stop_requested must be a bool, got <bound method .*\(a method: make it a property\)"),
     ],
 )
 def test_what_is_not_a_source_is_refused_when_registered(source: object, message: str) -> None:
+    with pytest.raises(SetupError, match=message):
+        register_source(source)
     with pytest.raises(SetupError, match=message):
         check_source(source)
 
@@ -65,6 +101,56 @@ def test_a_good_source_passes_and_is_a_trigger_source() -> None:
     good = _Good()
     assert check_source(good) is good
     assert isinstance(good, TriggerSource)
+
+
+def test_registering_reads_the_traits_once_with_their_defaults() -> None:
+    registered = register_source(_Good())
+    assert (registered.reason, registered.urgent, registered.stop_requested()) == ("timer", False, False)
+    assert isinstance(registered, TriggerSource), "a registered source is a source itself"
+    assert register_source(registered) is registered
+    with pytest.raises(AttributeError):
+        registered.urgent = True  # type: ignore[misc]  # frozen: read once, at registration
+    assert not hasattr(registered, "__dict__")
+
+
+def test_a_registered_source_forwards_and_reads_stop_requested_each_time() -> None:
+    source = _Stopping()
+    registered = register_source(source)
+    assert (registered.source, registered.reason, registered.urgent) == (source, "timer", True)
+    assert registered.stop_requested() is False
+    source.stop = True
+    assert registered.stop_requested() is True
+    registered.start(Bus(), RunInfo(rank=0, world_size=1, output_dir=Path()))
+    registered.poll(3)
+    registered.close()
+    assert source.calls == ["start", "poll 3", "close"]
+
+
+def test_the_shipped_sources_declare_their_traits() -> None:
+    from ckptbus.plugins.sources import BUILTIN_SOURCES, FileTrigger, LauncherWatch, SignalTrigger, UnixSocketTrigger
+
+    assert set(BUILTIN_SOURCES) == {FileTrigger, SignalTrigger, UnixSocketTrigger, LauncherWatch}
+    traits = {cls.__name__: (cls.reason, cls.urgent) for cls in BUILTIN_SOURCES}
+    assert traits == {
+        "FileTrigger": ("file", False),
+        "SignalTrigger": ("signal", True),
+        "UnixSocketTrigger": ("socket", False),
+        "LauncherWatch": ("launcher", False),
+    }
+    built = [
+        FileTrigger("t", check_interval=1),
+        SignalTrigger({"SIGUSR1": "full_continue"}),
+        UnixSocketTrigger(),
+        LauncherWatch(),
+    ]
+    registered = [register_source(s) for s in built]
+    assert [(r.reason, r.urgent, r.stop_requested()) for r in registered] == [
+        ("file", False, False),
+        ("signal", True, False),
+        ("socket", False, False),
+        ("launcher", False, False),
+    ]
+    assert all(isinstance(r, RegisteredSource) for r in registered)
 
 
 def test_the_trainer_adapter_refuses_a_bad_source_before_training() -> None:

@@ -40,8 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from procs import free_port
 from runs import BIN, REPO, TrainingRun, accelerate_launch
+
+from testkit.procs import free_port
 
 MARKER = re.compile(r"^<!-- test: (?P<kind>[a-z]+)(?P<options>[^>]*)-->\s*$")
 FENCE = re.compile(r"^(?P<fence>```+|~~~+)")

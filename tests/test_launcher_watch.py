@@ -25,7 +25,6 @@ from typing import Any
 import pytest
 import yaml
 from ckptbus.plugins.sources.launcher import LAUNCHER_ENV, LauncherWatch, launched
-from procs import descendants, free_port, wait_for
 from runs import BIN, REPO, TrainingRun, accelerate_launch
 
 from ckptbus import (
@@ -40,6 +39,7 @@ from ckptbus import (
 )
 from ckptbus._config import OnLauncherExit
 from ckptbus._source import RunInfo, check_source
+from testkit.procs import descendants, free_port, wait_for
 
 # The "rank": a watch polled every few milliseconds, as a training loop would at each step. It records what the
 # watch published and logged, then keeps writing to its stdout and stderr, as a progress bar would.

@@ -300,3 +300,41 @@ def test_rotate_deletes_on_disk_and_ignores_incomplete(tmp_path: Path, caplog: p
     assert incomplete.exists(), "rotation only sees complete checkpoints"
     assert not any(p.name.startswith(".ckptbus-trash-") for p in tmp_path.iterdir())
     assert rotate(tmp_path, None) == []
+
+
+def test_the_names_and_the_manifest_are_still_importable_from_the_layout() -> None:
+    """They moved to ckptbus/_names.py and ckptbus/_manifest.py; plugins and tests import them from here."""
+    from ckptbus import _config, _eventlog, _layout, _lock, _manifest, _names, _socket_path
+
+    assert (_layout.Manifest, _layout.write_manifest) == (_manifest.Manifest, _manifest.write_manifest)
+    assert (_layout.MANIFEST_FORMAT, _layout.SCHEDULED_REASON) == (_manifest.MANIFEST_FORMAT, "schedule")
+    assert (_layout.CHECKPOINT_PREFIX, _layout.MANIFEST_NAME) == ("checkpoint-", "ckptbus.json")
+    assert (_layout.STAGING_PREFIX, _layout.TRASH_PREFIX) == (".ckptbus-staging-", ".ckptbus-trash-")
+    assert _eventlog.EVENT_LOG_NAME == "ckptbus-events.jsonl" and _lock.LOCK_NAME == "ckptbus.lock"
+    assert (_socket_path.SOCKET_NAME, _socket_path.POINTER_NAME) == ("ckptbus.sock", "ckptbus.sock.path")
+    assert _config.RESERVED_NAMES is _names.RESERVED_NAMES
+    assert {
+        "ckptbus.json",
+        "ckptbus-events.jsonl",
+        "metrics.jsonl",
+        "ckptbus.sock",
+        "ckptbus.sock.path",
+        "ckptbus.lock",
+    } == _names.RESERVED_NAMES
+    assert _names.PROBE_PREFIX == ".ckptbus-probe-"
+    assert all(p.startswith(_names.RESERVED_PREFIXES) for p in (_names.STAGING_PREFIX, _names.PROBE_PREFIX))
+
+
+def test_write_manifest_marks_a_directory_complete_in_place(tmp_path: Path) -> None:
+    """The manifest module on its own: the Trainer's checkpoints are completed where they were written."""
+    from ckptbus._manifest import complete_digests, write_manifest
+
+    (tmp_path / "a.bin").write_bytes(b"abc")
+    (tmp_path / MANIFEST_NAME).write_text("{}")  # an older manifest is never left to vouch for newer files
+    manifest = write_manifest(tmp_path, fields(3), lambda: {"seconds": 1.5}, {"a.bin": "xxh3_128:given"})
+    assert (manifest.step, manifest.files, manifest.seconds) == (3, {"a.bin": 3}, 1.5)
+    assert manifest.digests == {"a.bin": "xxh3_128:given"}, "a digest taken while writing is kept, not recomputed"
+    assert Manifest.from_dict(json.loads((tmp_path / MANIFEST_NAME).read_text())) == manifest
+    assert not (tmp_path / (MANIFEST_NAME + ".tmp")).exists()
+    read = complete_digests(tmp_path, ["a.bin"], {})
+    assert read["a.bin"].startswith("xxh3_128:") and complete_digests(tmp_path, ["a.bin"], {}, read_back=False) == {}

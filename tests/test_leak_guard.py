@@ -12,8 +12,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from procs import process_env
 from runs import REPO
+
+from testkit.procs import process_env
 
 GUARDED = """
 import socket

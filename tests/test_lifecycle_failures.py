@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import limit_file_size
 from runs import TrainingRun
 
 from ckptbus import checkpoint_path, latest_full, list_checkpoints, read_checkpoint
 from ckptbus._layout import STAGING_PREFIX, commit, prepare_staging
+from testkit.procs import limit_file_size
 
 pytestmark = pytest.mark.slow
 

@@ -19,11 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from procs import wait_for
 from runs import REPO, TrainingRun
 
 from ckptbus import CheckpointConfig, SetupError
-from ckptbus._lock import LOCK_NAME, Holder, acquire, holder_of
+from ckptbus._lock import Holder, acquire, holder_of
+from ckptbus._names import LOCK_NAME
+from testkit.procs import wait_for
 
 HOLDER = """
 import sys
@@ -134,13 +135,13 @@ def test_holder_line_round_trips() -> None:
 
 
 def test_the_runtime_takes_the_lock_at_start_and_releases_it_at_shutdown(tmp_path: Path) -> None:
-    import torch
-    from ckptbus.plugins.distributed import TorchExchange
+    from ckptbus.plugins.distributed import Ranks
     from ckptbus.plugins.runtime import Runtime
+    from ckptbus.plugins.saving.trainer_sink import TrainerSink
 
     def started() -> Runtime:
-        runtime = Runtime(CheckpointConfig(output_dir=str(tmp_path)))
-        runtime.start(TorchExchange.of(1, torch.device("cpu")), rank=0, local_rank=0, save_on_each_node=False)
+        runtime = Runtime(CheckpointConfig(output_dir=str(tmp_path)), TrainerSink())
+        runtime.start(Ranks())
         return runtime
 
     first = started()

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from procs import free_port
 from runs import BIN, REPO, TrainingRun
 
 from ckptbus import checkpoint_path, list_checkpoints
+from testkit.procs import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -124,9 +124,11 @@ def test_the_verify_key_is_checked() -> None:
 
 def runtime(out: Path, resume: str, verify: str = "full") -> Any:
     from ckptbus.plugins.runtime import Runtime
+    from ckptbus.plugins.saving.trainer_sink import TrainerSink
 
     dyn = DynamicCheckpointConfig(verify=verify)  # type: ignore[arg-type]
-    return Runtime(CheckpointConfig(output_dir=str(out), resume_from_checkpoint=resume, dynamic_checkpoint=dyn))
+    config = CheckpointConfig(output_dir=str(out), resume_from_checkpoint=resume, dynamic_checkpoint=dyn)
+    return Runtime(config, TrainerSink())  # resolution only: the sink never writes here
 
 
 def test_the_resume_log_says_what_was_skipped_and_how_long_verification_took(

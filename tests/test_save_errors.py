@@ -10,15 +10,13 @@ errno the same way.
 from __future__ import annotations
 
 import errno
-import os
-import stat
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from ckptbus.plugins.saving.errors import apply_umask_modes, current_umask, describe_write_error, free_bytes
+from ckptbus.plugins.saving.errors import describe_write_error, free_bytes
 from runs import REPO
 
 
@@ -92,28 +90,3 @@ def test_errors_that_are_not_about_room_are_left_alone(tmp_path: Path) -> None:
     wrapped = RuntimeError("write failed")
     wrapped.__cause__ = OSError(errno.ENOSPC, "No space left on device")
     assert (describe_write_error(wrapped, tmp_path) or "").startswith("No space left on device")
-
-
-def test_every_file_and_folder_gets_the_mode_the_umask_gives(tmp_path: Path) -> None:
-    checkpoint = tmp_path / "checkpoint-8"
-    (checkpoint / "shards").mkdir(parents=True)
-    for name, mode in (("model.safetensors", 0o600), ("optimizer.bin", 0o644), ("shards/a.bin", 0o640)):
-        (checkpoint / name).write_bytes(b"x")
-        os.chmod(checkpoint / name, mode)
-    os.chmod(checkpoint / "shards", 0o700)
-    (checkpoint / "link").symlink_to(checkpoint / "optimizer.bin")
-    apply_umask_modes(checkpoint)
-    mask = current_umask()
-    for name in ("model.safetensors", "optimizer.bin", "shards/a.bin"):
-        assert stat.S_IMODE((checkpoint / name).stat().st_mode) == 0o666 & ~mask, name
-    for folder in (checkpoint, checkpoint / "shards"):
-        assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~mask
-
-
-def test_the_umask_is_read_without_changing_it(tmp_path: Path) -> None:
-    child = (
-        "import os; os.umask(0o027); from ckptbus.plugins.saving.errors import current_umask; "
-        "m = current_umask(); assert os.umask(0o027) == 0o027; print(oct(m))"
-    )
-    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert done.stdout.strip() == "0o27", done.stderr

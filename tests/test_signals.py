@@ -25,14 +25,14 @@ from typing import Any
 import pytest
 import yaml
 from ckptbus.plugins.sources.signals import SignalTrigger
-from procs import descendants, wait_for
 from runs import REPO, TrainingRun
 
 from ckptbus import Bus, ConfigError, SaveCompleted, SaveRequested, list_checkpoints, load_config, read_checkpoint
 from ckptbus._config import SIGNAL_ACTIONS, SignalsConfig
 from ckptbus._coordinator import Decision, decode_vote, encode_vote
-from ckptbus._layout import STAGING_PREFIX
+from ckptbus._names import STAGING_PREFIX
 from ckptbus._source import RunInfo
+from testkit.procs import descendants, wait_for
 
 WATCHED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1)
 

@@ -39,10 +39,10 @@ import pytest
 import slurm_cluster
 import yaml
 from leaks import OWNER_ENV
-from procs import process_env, wait_for
 from runs import BASE_CONFIG, BIN, REPO, merge, read_jsonl
 
 from ckptbus import CheckpointInfo, list_checkpoints
+from testkit.procs import process_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(900)]
 

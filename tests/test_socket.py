@@ -29,7 +29,6 @@ from ckptbus.plugins.sources.socket_requests import Admitted, SocketRequests
 from ckptbus.plugins.sources.unix_socket import UnixSocketTrigger
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from procs import fd_count, thread_count, wait_for
 from runs import DEFAULT_TIMEOUT, TrainingRun
 from socket_client import raw_exchange, reply_lines
 
@@ -45,6 +44,7 @@ from ckptbus._socket_path import (
     read_pointer,
 )
 from ckptbus._source import RunInfo
+from testkit.procs import fd_count, thread_count, wait_for
 
 
 def server_threads() -> list[threading.Thread]:

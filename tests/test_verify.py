@@ -1,4 +1,4 @@
-"""Content digests and verification: ``ckptbus._digest`` and the ``ckptbus verify`` command.
+"""Content digests and verification: ``ckptbus._digest`` (the hash), ``ckptbus._verify`` and ``ckptbus verify``.
 
 Checkpoints here are real folders with a manifest written by the test (the
 files, their sizes and their digests), so these tests depend only on the
@@ -21,8 +21,9 @@ import xxhash
 from runs import REPO
 
 from ckptbus import CheckpointError, Manifest, checkpoint_path, read_checkpoint
-from ckptbus._digest import ALGORITHM, CHUNK_BYTES, Digester, digest_file, verify_checkpoint
-from ckptbus._layout import MANIFEST_NAME
+from ckptbus._digest import ALGORITHM, CHUNK_BYTES, Digester, digest_file
+from ckptbus._names import MANIFEST_NAME
+from ckptbus._verify import verify_checkpoint
 from ckptbus.cli import main
 
 DIGEST = re.compile(r"^xxh3_128:[0-9a-f]{32}$")
@@ -300,3 +301,15 @@ def test_read_checkpoint_still_refuses_a_manifest_with_a_wrong_size(tmp_path: Pa
         fh.write(b"x")
     with pytest.raises(CheckpointError, match=r"optimizer\.bin has 5121 bytes, the manifest says 5120"):
         read_checkpoint(path)
+
+
+def test_the_verification_names_are_still_importable_from_the_digest_module() -> None:
+    """They moved to ckptbus/_verify.py; plugins, tests and users import them from ``_digest``."""
+    from ckptbus import _digest, _verify
+    from ckptbus._digest import VERIFY_MODES, VerifyMode, VerifyReport
+    from ckptbus._digest import verify_checkpoint as old_verify_checkpoint
+
+    assert old_verify_checkpoint is verify_checkpoint
+    assert (VERIFY_MODES, VerifyMode, VerifyReport) == (_verify.VERIFY_MODES, _verify.VerifyMode, _verify.VerifyReport)
+    with pytest.raises(AttributeError, match="has no attribute 'verify_everything'"):
+        _digest.verify_everything  # noqa: B018

@@ -13,7 +13,8 @@ from typing import Any, Final, NoReturn
 
 from .._config import CheckpointConfig, build, read_yaml
 from .._errors import ConfigError
-from .._layout import CHECKPOINT_PREFIX, MANIFEST_NAME, list_checkpoints
+from .._layout import list_checkpoints
+from .._names import CHECKPOINT_PREFIX, MANIFEST_NAME
 from .._socket_path import client_socket_path
 
 EXIT_OK: Final = 0

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Final
 
-from .._eventlog import EVENT_LOG_NAME
+from .._names import EVENT_LOG_NAME
 from ._save_history import read_save_history
 
 FACTOR: Final = 2.0

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._eventlog import EVENT_LOG_NAME
 from .._layout import CheckpointInfo, list_checkpoints, rotation_victims
+from .._names import EVENT_LOG_NAME
 from ._common import (
     EXIT_ERROR,
     EXIT_OK,

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._digest import VERIFY_MODES, VerifyMode, VerifyReport, verify_checkpoint
 from .._errors import CheckpointError
 from .._layout import Unusable, read_checkpoint, scan_checkpoints
+from .._names import MANIFEST_NAME
+from .._verify import VERIFY_MODES, VerifyMode, VerifyReport, verify_checkpoint
 from ._common import (
     EXIT_ERROR,
     EXIT_OK,
@@ -115,7 +116,7 @@ def _check(target: Path | Unusable, mode: VerifyMode) -> dict[str, Any]:
     try:
         info = read_checkpoint(target)
     except CheckpointError as exc:
-        damaged = (target / "ckptbus.json").is_file()
+        damaged = (target / MANIFEST_NAME).is_file()
         return _row(target, "failed" if damaged else "incomplete", mode, problem=str(exc))
     report = verify_checkpoint(info, mode)
     return _row(info.path, "ok" if report.ok else "failed", mode, report=report, step=info.step)

@@ -10,8 +10,9 @@ Adopting it takes three lines::
             break
     ckpt.close()
 
-What it supplies to the runtime (plugins/runtime.py): where a step ends (:meth:`DynamicCheckpoint.step`), and how
-a checkpoint is written (the staged accelerate save, plugins/saving/accelerate_sink.py).
+It only translates: the runtime (plugins/runtime.py) owns the step protocol; this adapter tells it where a step
+ends (:meth:`DynamicCheckpoint.step`) and hands it the sink that writes with accelerate
+(plugins/saving/accelerate_sink.py).
 """
 
 from __future__ import annotations
@@ -25,10 +26,8 @@ import torch
 from accelerate import Accelerator
 
 from ckptbus import CheckpointConfig, CheckpointError, DynamicCheckpointConfig
-from ckptbus._coordinator import Decision
-from ckptbus._layout import clean_leftovers
 
-from ..distributed import TorchExchange, check_world
+from ..distributed import Ranks, TorchExchange, check_world
 from ..runtime import RunControls, Runtime
 from ..saving.accelerate_sink import AccelerateSink
 from .load_state import load_checkpoint
@@ -75,41 +74,28 @@ class DynamicCheckpoint(RunControls):
         )
         self.accelerator = accelerator
         self.config = config
-        self._runtime = runtime = Runtime(config, sources=sources)
-        self.bus = runtime.bus
-        """The run's bus: subscribe to ``save_completed`` and friends here."""
-        self.output_dir = runtime.output_dir
-        self._closed = False
-        runtime.start(
-            TorchExchange(accelerator),
-            rank=accelerator.process_index,
-            local_rank=accelerator.local_process_index,
-            save_on_each_node=bool(accelerator.project_configuration.save_on_each_node),
-        )
         dyn = config.dynamic_checkpoint
-        self._sink = AccelerateSink(
+        self.sink = AccelerateSink(
             accelerator,
-            runtime,
             model=model,
+            async_save=dyn.async_save,
             torch_save_crc32=dyn.torch_save_crc32,
             async_writer=dyn.async_writer,
         )
-        self._async_save = dyn.async_save
-        if self._async_save:
-            why = self._sink.async_unsupported()
-            if why is not None:
-                self._async_save = False
-                if accelerator.is_main_process:
-                    logger.warning("ckptbus: dynamic_checkpoint.async_save: %s; full saves stay synchronous", why)
-            elif dyn.async_writer == "process" and self._sink.has_cuda_state() and accelerator.is_main_process:
-                logger.warning(
-                    "ckptbus: async_writer: process reads CPU tensors only; a thread writes this run's saves"
-                )
-        if self._sink.is_committer:
-            for leftover in clean_leftovers(self.output_dir):
-                logger.warning("ckptbus: removed %s, left by a save that was interrupted", leftover)
-
-    # -- the training loop --------------------------------------------------
+        """The sink writing this run's checkpoints; its diagnostics (``copy_wait_seconds``, ``hash_wait_seconds``)
+        are read by the benchmarks."""
+        self._runtime = Runtime(config, self.sink, sources=sources)
+        self.bus = self._runtime.bus
+        """The run's bus: subscribe to ``save_completed`` and friends here."""
+        self.output_dir = self._runtime.output_dir
+        self._runtime.start(
+            Ranks.of(
+                TorchExchange(accelerator),
+                rank=accelerator.process_index,
+                local_rank=accelerator.local_process_index,
+                save_on_each_node=bool(accelerator.project_configuration.save_on_each_node),
+            )
+        )
 
     def step(self, step: int) -> bool:
         """Call after every optimizer step, on every rank. Returns True when training must stop.
@@ -119,22 +105,9 @@ class DynamicCheckpoint(RunControls):
         where accelerate did not sync gradients are ignored, so a save never
         lands in the middle of an accumulation.
         """
-        if self._closed:
+        if not self._runtime.running:
             raise RuntimeError("DynamicCheckpoint.step() called after close()")
-        if not self.accelerator.sync_gradients:
-            return False
-        runtime = self._runtime
-        runtime.poll(step)
-        if self._sink.in_flight is not None:
-            # An asynchronous save is being written: one small collective per step until it is committed. A
-            # scheduled save must not be skipped, so at its step training waits for the one in flight.
-            self._sink.poll(wait=runtime.coordinator.is_scheduled(step))
-        if self._sink.in_flight is None and not runtime.stopped:
-            # While a save is in flight no new one is decided: requests stay pending until it is committed.
-            decision = runtime.decide(step)
-            if decision is not None:
-                self._carry_out(decision)
-        return runtime.stopped
+        return self.accelerator.sync_gradients and self._runtime.step_boundary(step)
 
     def resume(self, checkpoint: str | os.PathLike[str] | None = None) -> int:
         """Load a full checkpoint with ``accelerator.load_state``; return its step (0 if nothing to resume).
@@ -167,31 +140,17 @@ class DynamicCheckpoint(RunControls):
         logger.info("ckptbus: resumed from %s at step %d", info.path, info.step)
         return info.step
 
-    # -- the end ------------------------------------------------------------
-
     def close(self) -> None:
         """End of training, on every rank: serve requests still pending, stop the sources.
 
         Pending requests from any rank are saved at the last step (this is a
         collective: every rank must call close). Safe to call twice.
         """
-        if self._closed:
-            return
-        runtime = self._runtime
-        try:
-            if runtime.signals is not None:
-                runtime.signals.poll(runtime.last_step)  # a signal after the last step still gets its save
-            self._sink.poll(wait=True)  # an asynchronous save in flight is committed first
-            decision = runtime.decide(runtime.last_step, force=True, scheduled=False)
-            if decision is not None:
-                self._carry_out(decision)
-        finally:
-            self._shutdown("training ended")
+        self._runtime.close()
 
     def abort(self, why: str = "training stopped with an error") -> None:
         """Release everything without any collective (for error paths); pending requests fail with ``why``."""
-        if not self._closed:
-            self._shutdown(why)
+        self._runtime.abort(why)
 
     def __enter__(self) -> DynamicCheckpoint:
         return self
@@ -203,21 +162,3 @@ class DynamicCheckpoint(RunControls):
             self.close()
         else:
             self.abort(f"training stopped with {exc_type.__name__ if exc_type else 'an error'}")
-
-    # -- internals ----------------------------------------------------------
-
-    def _carry_out(self, decision: Decision) -> None:
-        runtime = self._runtime
-        if runtime.already_saved(decision) is not None:
-            pass  # this step is already on disk in a kind that covers the request: answered with it
-        elif decision.kind == "full" and self._async_save and self._sink.async_unsupported() is None:
-            # (Checked again here: a save_state pre-hook registered after start-up makes this save synchronous.)
-            if self._sink.begin(decision) is None and decision.exit_after:
-                self._sink.poll(wait=True)  # training stops at this step: the save must be committed
-        else:
-            self._sink.execute(decision)
-        runtime.stop_after(decision)
-
-    def _shutdown(self, why: str) -> None:
-        self._closed = True
-        self._runtime.shutdown(why, abandoned=self._sink.abandon())

@@ -57,7 +57,7 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from ckptbus import CheckpointConfig, ConfigError, DynamicCheckpointConfig
 from ckptbus._config import build
-from ckptbus._layout import MANIFEST_NAME
+from ckptbus._names import MANIFEST_NAME
 from ckptbus._resume import LATEST, LATEST_OR_FRESH
 
 from .trainer import DynamicCheckpointCallback

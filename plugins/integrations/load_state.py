@@ -15,7 +15,7 @@ Here:
   with its cause. If every file opens, the checkpoint is fine and this run's
   model or optimizer does not match the one that saved it: the refusal says so.
 
-Digest verification (ckptbus/_digest.py) runs before this and catches
+Digest verification (ckptbus/_verify.py) runs before this and catches
 changed bytes; this module catches what verification cannot see (a
 checkpoint written before digests, ``verify: sizes`` or ``off``, a model that
 does not fit the checkpoint).

@@ -69,13 +69,6 @@ def async_unsupported(accelerator: Accelerator) -> str | None:
     return None
 
 
-def _writes_shared_files(accelerator: Accelerator) -> bool:
-    """Whether this rank writes the model, optimizer and scheduler files (accelerate's ``save`` rule)."""
-    if accelerator.project_configuration.save_on_each_node:
-        return bool(accelerator.is_local_main_process)
-    return bool(accelerator.is_main_process)
-
-
 def _tensor_bytes(obj: Any, seen: set[tuple[int, int]]) -> int:
     """Bytes of the tensors in ``obj`` (aliases counted once): what its file will hold, near enough to plan."""
     if isinstance(obj, torch.Tensor):
@@ -167,8 +160,8 @@ class HostSnapshot:
         """What ``accelerator.save_state`` writes for this rank, at a step boundary on the training thread.
 
         ``writes``: the shared files (model, optimizer, scheduler, sampler,
-        custom objects) this rank writes (see :func:`plan_writers`); by
-        default accelerate's rule holds (the main process writes them all).
+        custom objects) this rank writes (see :func:`plan_writers`); None:
+        all of them.
         ``copy``: copy into host buffers (an asynchronous save); False keeps
         the live objects, for a save written at once.
         """
@@ -176,9 +169,9 @@ class HostSnapshot:
             save_on_each_node=bool(accelerator.project_configuration.save_on_each_node),
         )
         shared = self._shared_files(accelerator, safe_serialization)
-        mine = writes
-        if mine is None:
-            mine = {name for name, *_ in shared} if _writes_shared_files(accelerator) else set()
+        # Which rank writes which shared file is the sink's plan (plugins/saving/accelerate_sink.py); without one
+        # this rank writes them all (one process, or a test).
+        mine = {name for name, *_ in shared} if writes is None else writes
         for name, state, safe, key, deferrable in shared:
             if name in mine:
                 snap.shared.append((name, self._copy(state, key, {}, snap, deferrable) if copy else state, safe))

@@ -1,4 +1,4 @@
-"""What a failed write means, in words a user acts on; and one file mode for every file of a checkpoint.
+"""What a failed write means, in words a user acts on.
 
 :func:`describe_write_error`: torch's zip writer reports a full disk as
 ``unexpected pos 576 vs 534`` or ``file write failed`` (its ``errno`` is lost
@@ -8,13 +8,9 @@ such, with the path, the bytes free on that filesystem and, where known, the
 bytes the save needed; the same for a file-size limit (EFBIG) and a quota
 (EDQUOT).
 
-:func:`apply_umask_modes`: the writers of one checkpoint create files in
-different ways (``torch.save``, safetensors, a temporary file renamed into
-place, which ``tempfile`` creates with mode 0600), so a teammate could read
-the optimizer state but not the weights. Every file gets ``0666 & ~umask``
-and every folder ``0777 & ~umask``, as ``open()`` and ``mkdir`` would give.
+(One file mode for every file of a checkpoint is set at commit: ckptbus/_modes.py.)
 
-Standard library only (no torch): both work on paths and exceptions.
+Standard library only (no torch): it works on paths and exceptions.
 """
 
 from __future__ import annotations
@@ -49,41 +45,6 @@ def describe_write_error(exc: BaseException, path: str | os.PathLike[str], neede
     if code not in _SPACE:
         return None
     return _describe(code, Path(path), needed, exc)
-
-
-def apply_umask_modes(directory: str | os.PathLike[str]) -> None:
-    """Give every file under ``directory`` mode ``0666 & ~umask`` and every folder ``0777 & ~umask``.
-
-    Call before the files are fsynced (the committer, before the manifest is
-    written), so the modes are part of what is made durable. Symbolic links
-    are left alone. Raises :class:`OSError` if a mode cannot be changed.
-    """
-    mask = current_umask()
-    root = Path(directory)
-    os.chmod(root, 0o777 & ~mask)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o666 & ~mask)
-        for name in dirnames:
-            path = os.path.join(dirpath, name)
-            if not os.path.islink(path):
-                os.chmod(path, 0o777 & ~mask)
-
-
-def current_umask() -> int:
-    """This process's umask, read without changing it (``os.umask`` would, for every thread, for an instant)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)  # no /proc (not Linux): the only other way to read it
-    os.umask(mask)
-    return mask
 
 
 def _errno_of(exc: BaseException) -> int | None:
@@ -158,4 +119,4 @@ def _human(n: int) -> str:
     return f"{n} bytes"
 
 
-__all__ = ["apply_umask_modes", "current_umask", "describe_write_error", "free_bytes"]
+__all__ = ["describe_write_error", "free_bytes"]

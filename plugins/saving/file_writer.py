@@ -11,7 +11,7 @@ written.
 
 The digests of every rank's files travel to the committer in one collective
 at the commit, which records them in the manifest
-(``ckptbus._layout.write_manifest``).
+(``ckptbus._manifest.write_manifest``).
 """
 
 from __future__ import annotations

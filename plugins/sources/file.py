@@ -19,7 +19,9 @@ import errno
 import logging
 import os
 import stat
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Final
 
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveRequested, SaveStarted
 from ckptbus._source import RunInfo
@@ -30,7 +32,9 @@ logger = logging.getLogger("ckptbus")
 class FileTrigger:
     """Polls for the trigger file on the main process. See the module docstring."""
 
-    reason = "file"
+    reason: Final = "file"
+    urgent: Final = False
+    """Its requests wait for the next vote: every ``check_interval`` steps (every step while signals are handled)."""
 
     def __init__(self, file_name: str, *, check_interval: int) -> None:
         self.file_name = file_name
@@ -44,6 +48,7 @@ class FileTrigger:
         # A trigger file we could not delete: (dev, inode, mtime) it had, so it
         # does not fire again until somebody touches it again.
         self._spent: tuple[int, int, int] | None = None
+        self._subscriptions = ExitStack()  # the bus receivers start connected, cancelled by close
 
     def start(self, bus: Bus, run: RunInfo) -> None:
         self.bus = bus
@@ -51,12 +56,11 @@ class FileTrigger:
         self.is_main_process = run.is_main_process
         if not self.is_main_process:
             return
-        self.bus.subscribe("save_started", self._on_save_started)
         # A request answered without a new save (the step was already on disk)
-        # or one that failed still ends here: forget it, or the file would never
-        # be looked at again.
-        self.bus.subscribe("save_completed", self._on_save_started)
-        self.bus.subscribe("save_failed", self._on_save_started)
+        # or one that failed still ends on save_completed / save_failed: forget
+        # it there too, or the file would never be looked at again.
+        for name in ("save_started", "save_completed", "save_failed"):
+            self._subscriptions.enter_context(self.bus.subscribe(name, self._on_save_started))
         st = self._inspect()
         if st is not None:
             logger.warning(
@@ -67,9 +71,7 @@ class FileTrigger:
             self._remove(st)
 
     def close(self) -> None:
-        if self.is_main_process:
-            for name in ("save_started", "save_completed", "save_failed"):
-                self.bus.unsubscribe(name, self._on_save_started)
+        self._subscriptions.close()
 
     def poll(self, step: int) -> None:
         if not self.is_main_process or step % self.check_interval != 0 or self._outstanding is not None:
@@ -77,7 +79,7 @@ class FileTrigger:
         st = self._inspect()
         if st is None or self._identity(st) == self._spent:
             return
-        request = SaveRequested(kind="full", reason="file")
+        request = SaveRequested(kind="full", reason=self.reason)
         self._outstanding = request.request_id
         logger.info("ckptbus: trigger file %s seen at step %d; asking every rank to save", self.path, step)
         self.bus.publish(request)

@@ -42,6 +42,7 @@ import select
 import stat
 import time
 from collections.abc import Mapping
+from contextlib import ExitStack
 from typing import Final
 
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveKind, SaveRequested, SaveStarted
@@ -82,6 +83,7 @@ class LauncherWatch:
         self._stopping = False  # a request to save and stop was seen: the run ends anyway
         self._noticed_at: float | None = None  # wall time the launcher was found gone
         self._request_id: str | None = None
+        self._subscriptions = ExitStack()  # the bus receivers start connected, cancelled by close
 
     @property
     def watching(self) -> bool:
@@ -104,9 +106,9 @@ class LauncherWatch:
             return
         self._parent = os.getppid()
         for name in ("save_requested", "save_started"):
-            bus.subscribe(name, self._note_stop)
+            self._subscriptions.enter_context(bus.subscribe(name, self._note_stop))
         for name in ("save_completed", "save_failed"):
-            bus.subscribe(name, self._on_save_done)
+            self._subscriptions.enter_context(bus.subscribe(name, self._on_save_done))
 
     def poll(self, step: int) -> None:
         if self.launcher_gone:
@@ -140,13 +142,8 @@ class LauncherWatch:
         self._bus.publish(request)
 
     def close(self) -> None:
-        bus, self._bus = self._bus, None
-        if bus is None or self._parent is None:
-            return
-        for name in ("save_requested", "save_started"):
-            bus.unsubscribe(name, self._note_stop)
-        for name in ("save_completed", "save_failed"):
-            bus.unsubscribe(name, self._on_save_done)
+        self._bus = None
+        self._subscriptions.close()
 
     # -- receivers (``save_requested`` may come on any thread: it only sets an attribute) --------
 

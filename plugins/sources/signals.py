@@ -33,9 +33,10 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any
+from typing import Any, Final
 
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveKind, SaveRequested
 from ckptbus._config import SIGNAL_ACTIONS, SignalAction
@@ -79,8 +80,8 @@ class SignalTrigger:
     Raises ``ValueError`` for an unknown signal name or action.
     """
 
-    reason = "signal"
-    urgent = True
+    reason: Final = "signal"
+    urgent: Final = True
     """Ranks vote at every step while this source runs: a signal is honoured within a step or two."""
 
     def __init__(self, actions: Mapping[str, SignalAction], *, debounce_seconds: float = 1.0) -> None:
@@ -102,7 +103,9 @@ class SignalTrigger:
         self._stop_at: float | None = None  # monotonic time of the first stopping signal
         self._published_stop = False
         self._waiting: dict[str, tuple[str, float]] = {}  # request id -> (signal name, wall time received)
-        self._subscribed = False
+        # The bus receivers, connected once (start may run again when it installed no handler), cancelled by
+        # close; None while not connected.
+        self._subscriptions: ExitStack | None = None
         self._main = True  # the main process answers a stopping signal at once (set at start)
         self._launched = False  # started by torchrun / accelerate launch, whose own report follows ours
 
@@ -154,10 +157,10 @@ class SignalTrigger:
                 )
             signal.signal(signum, self._handle)
             self._previous[signum] = previous
-        if not self._subscribed:
-            self.bus.subscribe("save_completed", self._on_save_done)
-            self.bus.subscribe("save_failed", self._on_save_done)
-            self._subscribed = True
+        if self._subscriptions is None:
+            self._subscriptions = ExitStack()
+            for name in ("save_completed", "save_failed"):
+                self._subscriptions.enter_context(self.bus.subscribe(name, self._on_save_done))
 
     def poll(self, step: int) -> None:
         received: list[tuple[int, float]] = []
@@ -189,10 +192,9 @@ class SignalTrigger:
             self.bus.publish(request)
 
     def close(self) -> None:
-        if self._subscribed:
-            self.bus.unsubscribe("save_completed", self._on_save_done)
-            self.bus.unsubscribe("save_failed", self._on_save_done)
-            self._subscribed = False
+        subscriptions, self._subscriptions = self._subscriptions, None
+        if subscriptions is not None:
+            subscriptions.close()
         if not self._previous:
             return
         if threading.current_thread() is not threading.main_thread():

@@ -103,7 +103,9 @@ class UnixSocketTrigger:
     (:attr:`path` stays None).
     """
 
-    reason = "socket"
+    reason: Final = "socket"
+    urgent: Final = False
+    """Its requests wait for the next vote: every ``check_interval`` steps (every step while signals are handled)."""
 
     def __init__(
         self, *, path: str | None = None, timeout: float = DEFAULT_TIMEOUT, max_clients: int = DEFAULT_MAX_CLIENTS
@@ -133,6 +135,7 @@ class UnixSocketTrigger:
         self._reading: set[asyncio.Task[None]] = set()
         """Clients still reading their request line: stopping drops them at once."""
         self._refused_uids: set[int | None] = set()
+        self._subscriptions = contextlib.ExitStack()  # the bus receivers start connected, cancelled by close
 
     # -- TriggerSource ----------------------------------------------------------
 
@@ -152,8 +155,8 @@ class UnixSocketTrigger:
         self._stopping = asyncio.Event()
         self._loop = asyncio.new_event_loop()
         self._loop.set_exception_handler(_log_loop_error)
-        self.bus.subscribe("save_completed", self._on_outcome)
-        self.bus.subscribe("save_failed", self._on_outcome)
+        for name in ("save_completed", "save_failed"):
+            self._subscriptions.enter_context(self.bus.subscribe(name, self._on_outcome))
         self._thread = threading.Thread(target=self._run, args=(self._loop,), name="ckptbus-socket", daemon=True)
         self._thread.start()
         logger.info(
@@ -176,8 +179,7 @@ class UnixSocketTrigger:
         if thread.is_alive():  # never seen; the thread is a daemon and will not keep the process alive
             logger.error("ckptbus: the socket thread did not stop within %g s", _JOIN_SECONDS)
             return
-        self.bus.unsubscribe("save_completed", self._on_outcome)
-        self.bus.unsubscribe("save_failed", self._on_outcome)
+        self._subscriptions.close()
         self._release()
         loop.close()
         self._loop = None

@@ -2,9 +2,10 @@
 
     accelerate launch --use_deepspeed --zero_stage 3 --num_processes 2 cpu_ranks.py deepspeed train.py --config X
     accelerate launch --use_fsdp --fsdp_version 2 ... --num_processes 2 cpu_ranks.py fsdp train.py --config X
+    accelerate launch ... cpu_ranks.py fsdp -m benchmarks.sharded_save --worker ...   (a module, as python -m)
 
-The script runs unchanged, as ``__main__``; only the ``Accelerator`` that it
-imports from accelerate is replaced before it starts:
+The script (or module) runs unchanged, as ``__main__``; only the
+``Accelerator`` that it imports from accelerate is replaced before it starts:
 
 - ``deepspeed``: what a DeepSpeed run on CPU ranks needs (and GPU ranks do
   not): ``DS_ACCELERATOR=cpu``, ``Accelerator(cpu=False)`` (with ``cpu=True``
@@ -57,6 +58,12 @@ def use_fsdp_on_cpu() -> None:
 def main() -> None:
     engine, script, *args = sys.argv[1:]
     {"deepspeed": use_deepspeed_on_cpu, "fsdp": use_fsdp_on_cpu}[engine]()
+    if script == "-m":
+        module, *args = args
+        sys.argv = [module, *args]
+        sys.path.insert(0, os.getcwd())  # as `python -m module` would
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        return
     sys.argv = [script, *args]
     sys.path.insert(0, str(Path(script).resolve().parent))  # as `python script` would
     runpy.run_path(script, run_name="__main__")

@@ -18,8 +18,9 @@ import sys
 from typing import Any
 
 from accelerate import Accelerator
-from ckptbus.plugins.distributed import TorchExchange
+from ckptbus.plugins.distributed import Ranks, TorchExchange
 from ckptbus.plugins.runtime import Runtime
+from ckptbus.plugins.saving.trainer_sink import TrainerSink
 
 from ckptbus import CheckpointConfig, CheckpointError
 
@@ -41,8 +42,8 @@ def main() -> None:
     logger.setLevel(logging.INFO)
     accelerator = Accelerator(cpu=True)
     rank = accelerator.process_index
-    runtime = Runtime(CheckpointConfig(output_dir=out))
-    runtime.start(TorchExchange(accelerator), rank=rank, local_rank=rank, save_on_each_node=False)
+    runtime = Runtime(CheckpointConfig(output_dir=out), TrainerSink())  # (a sink that never writes here)
+    runtime.start(Ranks.of(TorchExchange(accelerator), rank=rank, local_rank=rank, save_on_each_node=False))
     result: dict[str, Any] = {"rank": rank}
     try:
         info = runtime.resolve_resume(target)

@@ -16,7 +16,6 @@ Ctrl+C). ``--every SECONDS`` adds a trigger source of the user's own
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import torch
 import yaml
+from ckptbus.plugins import release
 from ckptbus.plugins.hf_trainer import DynamicCheckpointCallback
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
@@ -92,13 +92,9 @@ def main() -> int:
     )
     trainer.train(resume_from_checkpoint=ckpt.resume_checkpoint(resume))  # ckptbus: complete checkpoints only
     code = ckpt.exit_code  # ckptbus: 128 + signal number after Ctrl+C
-    # Release the DDP model before the process group: when its reducer holds the group's last reference,
-    # gloo's destructor can hang at exit (see train.py).
-    trainer.accelerator.free_memory()
-    del trainer, model
-    gc.collect()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    accelerator = trainer.accelerator
+    del trainer, model  # before the process group goes: see ckptbus.plugins.release
+    release(accelerator)
     return code
 
 

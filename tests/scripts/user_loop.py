@@ -13,7 +13,6 @@ no GPU every rank then believes it is alone, and ckptbus must refuse.
 
 from __future__ import annotations
 
-import gc
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from ckptbus.plugins import DynamicCheckpoint  # ckptbus
+from ckptbus.plugins import DynamicCheckpoint, release  # ckptbus
 
 STEPS_AFTER_CHECKPOINT = 20
 
@@ -70,14 +69,8 @@ def main() -> None:
         if ckpt.step(step):  # ckptbus
             break
     ckpt.close()  # ckptbus
-    # Release the DDP model before the process group: gloo can abort or hang at
-    # exit otherwise (a torch teardown race, see train.py).
-    del model, optimizer
-    accelerator.free_memory()
-    gc.collect()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    del model, optimizer  # before the process group goes: see ckptbus.plugins.release
+    release(accelerator)
 
 
 if __name__ == "__main__":
