@@ -66,7 +66,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)  ## every benchmark; results under benchmarks/results/
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python -m benchmarks.run_all
 
 clean:
 	rm -rf outputs .pytest_cache .mypy_cache .ruff_cache

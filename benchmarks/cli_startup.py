@@ -1,17 +1,18 @@
 """How fast the ``ckptbus`` command starts: it imports no torch, so it answers in a blink.
 
-    python benchmarks/cli_startup.py [--runs 20] [--out benchmarks/results/cli_startup.json]
+    python -m benchmarks.cli_startup [--runs 20] [--out benchmarks/results/cli_startup.json] [--smoke]
 
 Each case runs ``--runs`` times in a fresh interpreter (wall time of the
 whole process, as a person or a script sees it); the figure is the median.
 ``python -c pass`` is the floor no command can beat. The JSON records the
 machine's load too, since other work on a 2-core machine shows up here.
+``--smoke``: one run of each case, the result checked and written to a
+temporary directory (benchmarks/output.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -22,7 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.output import add_smoke_option, default_out, write_result
+
 BIN = Path(sys.executable).parent
 
 
@@ -38,8 +40,12 @@ def timed(cmd: list[str], runs: int) -> list[float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "cli_startup.json"))
+    parser.add_argument("--out", help="the JSON result (default benchmarks/results/cli_startup.json)")
+    add_smoke_option(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.runs = 1
+    args.out = args.out or default_out("cli_startup", args.smoke)
 
     ckptbus = shutil.which("ckptbus", path=str(BIN)) or "ckptbus"
     empty = tempfile.mkdtemp(prefix="ckptbus-bench-")
@@ -52,7 +58,8 @@ def main() -> int:
         "import torch (for scale)": [sys.executable, "-c", "import torch"],
     }
     samples = {
-        name: timed(cmd, args.runs if "torch" not in name else max(3, args.runs // 5)) for name, cmd in cases.items()
+        name: timed(cmd, args.runs if "torch" not in name else max(min(3, args.runs), args.runs // 5))
+        for name, cmd in cases.items()
     }
     check = subprocess.run(
         [sys.executable, "-c", "import sys, ckptbus.cli; print('torch' in sys.modules)"],
@@ -72,8 +79,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_result(args.out, result, [(figure, name) for figure in ("median_seconds", "min_seconds") for name in cases])
     for name in cases:
         median, fastest = result["median_seconds"][name], result["min_seconds"][name]
         print(f"{name:28s} median {median * 1000:7.1f} ms   min {fastest * 1000:7.1f} ms")

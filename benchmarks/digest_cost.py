@@ -1,8 +1,8 @@
 """What content digests add to a synchronous full save, side by side in one run, many rounds.
 
-Run under the launcher, 2 ranks over gloo:
+Run under the launcher, 2 ranks over gloo, from the repository root:
 
-    accelerate launch --multi_gpu --num_processes 2 benchmarks/digest_cost.py --rounds 41
+    accelerate launch --multi_gpu --num_processes 2 -m benchmarks.digest_cost --rounds 41 [--smoke]
 
 The model of benchmarks/save_stall.py (a GPT-2 of about 42M parameters with
 AdamW's state, about 513 MB) is saved synchronously by two arms, in
@@ -28,7 +28,13 @@ Figures (round 0, which warms the page cache, left out):
   2 cores here) the helper also takes CPU time from the writes, which only
   the first figure sees.
 
-Results go to benchmarks/results/digest_cost.json.
+Both arms set ``DynamicCheckpoint.sink.digests``, and the wait is the
+sink's ``hash_wait_seconds``. Results go to
+benchmarks/results/digest_cost.json.
+
+``--smoke``: a GPT-2 of one block, 2 rounds: both arms end to end in
+seconds, the result checked and written to a temporary directory
+(benchmarks/output.py).
 """
 
 from __future__ import annotations
@@ -42,24 +48,27 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from ckptbus.plugins import DynamicCheckpoint
-from overhead import bootstrap_interval
-from save_stall import (  # benchmarks/ is on sys.path: this file runs as a script
-    Training,
-    add_arm,
-    arguments,
-    ckpt_config,
-    max_over_ranks,
-)
+from ckptbus.plugins import DynamicCheckpoint, release
 
+from benchmarks.output import write_result
+from benchmarks.overhead import bootstrap_interval
+from benchmarks.save_stall import Training, add_arm, arguments, ckpt_config, max_over_ranks, parse
 from ckptbus import SaveCompleted, list_checkpoints
 from ckptbus._layout import withdraw
 
 ARMS = ("digests", "no digests")
+REQUIRED = (
+    *(f"median_seconds_after_round_0.{arm}" for arm in ARMS),
+    "checkpoint_bytes",
+    "digests_cost_over_sync",
+    "digests_cost_interval_95",
+    "hash_wait_over_sync",
+    "hash_wait_median_seconds",
+)
 
 
 def main() -> None:
-    args = arguments("digest_cost", rounds=41).parse_args()
+    args = parse(arguments("digest_cost", rounds=41))
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator.is_main_process
@@ -76,7 +85,7 @@ def main() -> None:
     completed: dict[str, list[SaveCompleted]] = {}
     for arm in ARMS:
         ckpt = add_arm(accelerator, ckpts, completed, arm, ckpt_config(root / arm.replace(" ", "_"), False))
-        ckpt._sink.digests = "written" if arm == "digests" else "none"
+        ckpt.sink.digests = "written" if arm == "digests" else "none"
     steps = dict.fromkeys(ARMS, 0)
     held: dict[str, list[float]] = {arm: [] for arm in ARMS}
     hash_wait: list[float] = []
@@ -86,7 +95,7 @@ def main() -> None:
         ckpt, done = ckpts[arm], completed[arm]
         done.clear()
         ckpt.request("full")
-        waited_before = ckpt._sink.hash_wait_seconds
+        waited_before = ckpt.sink.hash_wait_seconds
         seconds = 0.0
         while not done:  # decided and written at the next step()
             training.step()
@@ -97,7 +106,7 @@ def main() -> None:
             seconds += time.perf_counter() - start
         held[arm].append(max_over_ranks(accelerator, seconds))
         if arm == "digests":
-            hash_wait.append(max_over_ranks(accelerator, ckpt._sink.hash_wait_seconds - waited_before))
+            hash_wait.append(max_over_ranks(accelerator, ckpt.sink.hash_wait_seconds - waited_before))
             checkpoint_bytes.append(done[0].bytes)
         accelerator.wait_for_everyone()
         if main_process:
@@ -115,7 +124,7 @@ def main() -> None:
         ratios = [a / b for a, b in zip(held["digests"][kept], held["no digests"][kept], strict=True)]
         no_digests = statistics.median(held["no digests"][kept])
         result: dict[str, Any] = {
-            "command": "accelerate launch --multi_gpu --num_processes 2 benchmarks/digest_cost.py "
+            "command": "accelerate launch --multi_gpu --num_processes 2 -m benchmarks.digest_cost "
             f"--rounds {args.rounds}",
             "device": str(accelerator.device),
             "world_size": accelerator.num_processes,
@@ -131,8 +140,7 @@ def main() -> None:
             "samples_seconds": held,
             "hash_wait_samples_seconds": hash_wait,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_result(args.out, result, REQUIRED)
         keys = (
             "median_seconds_after_round_0",
             "digests_cost_over_sync",
@@ -142,11 +150,8 @@ def main() -> None:
         )
         print(json.dumps({k: result[k] for k in keys}, indent=2))
         shutil.rmtree(root, ignore_errors=True)
-    training.prepared.clear()
-    accelerator.free_memory()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    training.prepared.clear()  # the DDP model before the process group: see release()
+    release(accelerator)
 
 
 if __name__ == "__main__":

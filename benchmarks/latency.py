@@ -1,17 +1,19 @@
 """How long an on-demand checkpoint takes to arrive, against a real training run.
 
-    python benchmarks/latency.py [--trials 20] [--check-interval 10] [--seed 0] [--n-layer 2] [--n-embd 64]
+    python -m benchmarks.latency [--trials 20] [--check-interval 10] [--seed 0] [--n-layer 2] [--n-embd 64]
                                  [--no-weights] [--budget 300] [--keep] [--out benchmarks/results/latency.json]
+                                 [--smoke]
 
+(from the repository root).
 Plain python, not under the launcher: it starts ``accelerate launch --multi_gpu
 --num_processes 2 train.py`` itself (its own session, a config written into a
 temporary directory: ``configs/tiny.yaml``'s model, a very large ``max_steps``,
 no ``save_steps``, ``check_interval`` 10, ``save_total_limit`` with
 ``rotate_on_demand`` so the disk does not fill), waits until ``metrics.jsonl``
 shows training, then runs trials one after the other, each only once the
-previous checkpoint is committed, with a random (seeded) 0.5-2 s pause between
-them so that they land at random phases of the check interval. The kinds of a
-round go in a shuffled order:
+previous checkpoint is committed, with a random (seeded) pause between
+them (``--pause``, 0.5-2 s) so that they land at random phases of the check
+interval. The kinds of a round go in a shuffled order:
 
 - ``file``: touch ``<output_dir>/axolotl_checkpoint.save`` -> the
   ``SaveCompleted`` line of ``ckptbus-events.jsonl`` (its unix ``time`` is when
@@ -30,6 +32,10 @@ the touch / when the CLI was started (``train.py`` writes one line per
 optimizer step with its unix ``time``, so the resolution is one step). At
 the end the run is stopped with SIGTERM to its process group (SIGKILL after
 120 s). Results: benchmarks/results/latency.json and latency.png.
+
+``--smoke``: one trial of each kind, short pauses: every kind end to end in
+seconds, the result checked and written to a temporary directory
+(benchmarks/output.py).
 """
 
 from __future__ import annotations
@@ -54,13 +60,12 @@ from typing import Any
 
 import yaml
 
+from benchmarks.output import add_smoke_option, default_out, write_result
+from testkit.procs import free_port, wait_for
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 TRIGGER = "axolotl_checkpoint.save"
-# The one free_port (and wait_for) of the tests and benchmarks: tests/procs.py, standard library only.
-sys.path.insert(0, str(REPO / "tests"))
-
-from procs import free_port, wait_for  # noqa: E402
 
 
 def tool(name: str) -> str:
@@ -280,8 +285,13 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=300.0, help="start no new round after this many seconds")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one trial may take")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (config, run, log)")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latency.json"))
+    parser.add_argument("--pause", type=float, nargs=2, default=(0.5, 2.0), help="seconds before a trial: from, to")
+    parser.add_argument("--out", help="the JSON result (default benchmarks/results/latency.json)")
+    add_smoke_option(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.trials, args.pause = 1, (0.1, 0.3)
+    args.out = args.out or default_out("latency", args.smoke)
 
     rng = random.Random(args.seed)
     kinds = ["file", "request full"] + ([] if args.no_weights else ["request weights"])
@@ -327,7 +337,7 @@ def main() -> int:
                 subprocess.run(cmd, stdout=subprocess.DEVNULL, check=True)
                 cli_startup[name].append(time.perf_counter() - t0)
             for kind in rng.sample(kinds, len(kinds)):
-                time.sleep(rng.uniform(0.5, 2.0))
+                time.sleep(rng.uniform(*args.pause))
                 if kind == "file":
                     trial = file_trial(run, output_dir / TRIGGER, args.timeout)
                 else:
@@ -347,7 +357,7 @@ def main() -> int:
     span = run.times[-1] - run.times[0]
     result: dict[str, Any] = {
         "what": "on-demand checkpoint latency against a running train.py: seconds and optimizer steps",
-        "command": "python benchmarks/latency.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python", "-m", "benchmarks.latency", *sys.argv[1:]]),
         "launch": " ".join(launch),
         "config": config,
         "check_interval": args.check_interval,
@@ -388,9 +398,10 @@ def main() -> int:
         entry["saved_kinds"] = sorted({t["kind"] for t in done})
         entry["samples"] = [{k: round(v, 4) if isinstance(v, float) else v for k, v in t.items()} for t in done]
         result["kinds"][kind] = entry
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    # Every kind asked for has its figures (a budget spent before a kind's first trial is a malformed result).
+    required = [f"kinds.{kind}.{figure}.median" for kind in kinds for figure in ("seconds", "steps", "save_seconds")]
+    required += ["step_seconds.median", *(f"cli.{name}.median" for name in cli_cmds)]
+    out = write_result(args.out, result, required)
     plot(result, out.with_suffix(".png"))
 
     step = result["step_seconds"]

@@ -1,8 +1,8 @@
 """Per-step cost of ckptbus against ckptbus disabled, in one run: the vote every 100 steps, and at every step.
 
-Run under the launcher, 2 ranks over gloo:
+Run under the launcher, 2 ranks over gloo, from the repository root:
 
-    accelerate launch --multi_gpu --num_processes 2 benchmarks/overhead.py
+    accelerate launch --multi_gpu --num_processes 2 -m benchmarks.overhead [--smoke]
 
 Four arms train the same GPT-2 (from train.py's make_model, sized so that a
 step takes 50 to 90 ms on 2 CPU cores with 2 ranks) in the same processes:
@@ -31,20 +31,23 @@ DynamicCheckpoint each for the whole run (their own output_dir and socket),
 stepped only in their own blocks. The time spent inside ``DynamicCheckpoint.step``
 is timed too: the direct cost, which the noise does not hide. The vote alone
 is timed both ways (a blocking all_reduce of the 10-int vote and the shared
-memory vote, 500 times each). Results go to benchmarks/results/overhead.json
-and overhead.png.
+memory vote, 500 times each). How the ranks vote is read from
+``DynamicCheckpoint.status()`` (``votes_every_step``, ``votes``). Results go
+to benchmarks/results/overhead.json and overhead.png.
+
+``--smoke``: a model of one block, 2 rounds of 2 steps, 20 timed votes: every
+arm end to end in seconds, the result checked and written to a temporary
+directory (benchmarks/output.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -52,21 +55,31 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from ckptbus.plugins import DynamicCheckpoint, release
+from ckptbus.plugins.distributed import TorchExchange
+from ckptbus.plugins.shared_votes import VOTES_ENV, SharedVotes
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from ckptbus.plugins import DynamicCheckpoint  # noqa: E402
-from ckptbus.plugins.distributed import TorchExchange  # noqa: E402
-from ckptbus.plugins.shared_votes import VOTES_ENV, SharedVotes  # noqa: E402
-
-from ckptbus import CheckpointConfig  # noqa: E402
-from ckptbus._config import build  # noqa: E402
-from train import ModelConfig, TrainConfig, make_data, make_model  # noqa: E402
+from benchmarks.output import add_smoke_option, default_out, write_result
+from benchmarks.plots import plot_overhead
+from ckptbus import CheckpointConfig
+from ckptbus._config import build
+from train import ModelConfig, TrainConfig, make_data, make_model
 
 ARMS = ("disabled", "check_interval=100", "all_on", "all_on_collective")
 TARGETS = {"check_interval=100": 0.999, "all_on": 0.995}
-COMMAND = "accelerate launch --multi_gpu --num_processes 2 benchmarks/overhead.py"
+COMMAND = "accelerate launch --multi_gpu --num_processes 2 -m benchmarks.overhead"
+PER_ARM = (
+    "median_step_seconds",
+    "throughput_ratio_vs_disabled",
+    "throughput_ratio_95pct_interval",
+    "microseconds_inside_step_call",
+)
+REQUIRED = (
+    "parameters",
+    "exchange_median_microseconds",
+    *(f"{figure}.{arm}" for figure in PER_ARM for arm in ARMS),
+    *(f"shared_memory_votes.{arm}" for arm in ARMS[1:]),
+)
 
 
 def ckpt_config(arm: str, output_dir: str) -> CheckpointConfig:
@@ -86,8 +99,14 @@ def main() -> None:
     parser.add_argument("--n-head", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "overhead.json"))
+    parser.add_argument("--votes", type=int, default=500, help="votes timed each way")
+    parser.add_argument("--out", help="the JSON result (default benchmarks/results/overhead.json)")
+    add_smoke_option(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.rounds, args.block, args.votes = 2, 2, 20
+        args.n_embd, args.n_layer, args.n_head, args.seq, args.micro_batch = 32, 1, 2, 16, 2
+    args.out = args.out or default_out("overhead", args.smoke)
 
     started = time.perf_counter()
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -107,14 +126,14 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad()
 
-    for _ in range(20):  # warm-up: allocator, gloo buffers
+    for _ in range(2 if args.smoke else 20):  # warm-up: allocator, gloo buffers
         train_step()
 
     exchange = TorchExchange(accelerator)
     vote = [0] * 10
     exchange_seconds = []
     accelerator.wait_for_everyone()
-    for _ in range(500):
+    for _ in range(args.votes):
         start = time.perf_counter()
         exchange(vote)
         exchange_seconds.append(time.perf_counter() - start)
@@ -123,7 +142,7 @@ def main() -> None:
     shared_seconds = []
     if votes is not None:
         accelerator.wait_for_everyone()
-        for _ in range(500):
+        for _ in range(args.votes):
             start = time.perf_counter()
             votes(vote)
             shared_seconds.append(time.perf_counter() - start)
@@ -137,10 +156,10 @@ def main() -> None:
         output_dir = f"{out_root[0]}/{arm.replace('=', '')}"
         os.environ[VOTES_ENV] = "collective" if arm == "all_on_collective" else "auto"
         checkpoints[arm] = ckpt = DynamicCheckpoint(accelerator, ckpt_config(arm, output_dir))
-        assert ckpt._coordinator.every_step == arm.startswith("all_on"), f"{arm}: votes at every step"
+        assert ckpt.status()["votes_every_step"] == arm.startswith("all_on"), f"{arm}: votes at every step"
         if accelerator.is_main_process:
             assert (Path(output_dir) / "ckptbus.sock").is_socket(), f"{arm}: the socket is not served"
-    shared = {arm: ckpt._votes is not None for arm, ckpt in checkpoints.items()}
+    shared = {arm: ckpt.status()["votes"] == "shared_memory" for arm, ckpt in checkpoints.items()}
     samples: dict[str, list[float]] = {arm: [] for arm in ARMS}
     inside: dict[str, float] = dict.fromkeys(ARMS, 0.0)  # seconds spent in DynamicCheckpoint.step
     steps = dict.fromkeys(ARMS, 0)
@@ -194,9 +213,7 @@ def main() -> None:
             "total_seconds": time.perf_counter() - started,
             "samples": samples,
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plot(result, Path(args.out).with_suffix(".png"))
+        plot_overhead(result, write_result(args.out, result, REQUIRED).with_suffix(".png"))
         keys = (
             "model",
             "shared_memory_votes",
@@ -209,11 +226,11 @@ def main() -> None:
             "total_seconds",
         )
         print(json.dumps({k: result[k] for k in keys}, indent=2))
-    # Release the DDP model before the process group (see train.py: gloo can hang at exit otherwise).
-    model = optimizer = None  # the train_step closure holds them: drop them through its cells
-    accelerator.free_memory()
-    gc.collect()
-    accelerator.end_training()
+    # Our references to the DDP model go before the process group (see release()); the train_step closure holds
+    # them, so they are dropped through its cells.
+    model = optimizer = None
+    checkpoints.clear()
+    release(accelerator)
 
 
 def bootstrap_interval(values: list[float], resamples: int = 2000) -> list[float]:
@@ -221,13 +238,6 @@ def bootstrap_interval(values: list[float], resamples: int = 2000) -> list[float
     rng = random.Random(0)
     medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(resamples))
     return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    # The figure lives in plots.py, which imports no torch, so that it can be redrawn from the JSON alone.
-    from plots import plot_overhead  # benchmarks/ is on sys.path: this file runs as a script
-
-    plot_overhead(result, path)
 
 
 if __name__ == "__main__":

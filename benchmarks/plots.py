@@ -4,8 +4,8 @@ The benchmarks call these when they finish; to redraw the PNGs from the JSON
 already in benchmarks/results/ (after a change to a figure, without running a
 benchmark again), run:
 
-    python benchmarks/plots.py              # every overhead*.json and save_stall*.json, subfolders included
-    python benchmarks/plots.py FILE.json    # one result; the PNG is written next to it
+    python -m benchmarks.plots              # every overhead*.json and save_stall*.json, subfolders included
+    python -m benchmarks.plots FILE.json    # one result; the PNG is written next to it
 
 Nothing here imports torch: a figure is redrawn in a second.
 """

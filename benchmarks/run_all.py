@@ -1,9 +1,11 @@
 """Run every benchmark; each writes JSON (and a PNG where it plots) under benchmarks/results/.
 
-    python benchmarks/run_all.py            # or: make bench
+    python -m benchmarks.run_all            # or: make bench
+    python -m benchmarks.run_all --smoke    # each in its smoke mode, results in a temporary directory
 
-Each benchmark measures its arms side by side in one run and reports ratios,
-because these machines are shared and noisy.
+From the repository root. Each benchmark measures its arms side by side in
+one run and reports ratios, because these machines are shared and noisy.
+Options after ``run_all`` (``--smoke``, say) are passed to every benchmark.
 """
 
 from __future__ import annotations
@@ -12,37 +14,37 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from testkit.procs import free_port
+
+REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-# The one free_port (and wait_for) of the tests and benchmarks: tests/procs.py, standard library only.
-sys.path.insert(0, str(HERE.parent / "tests"))
-
-from procs import free_port  # noqa: E402
 
 
-def launch(script: str, processes: int = 2) -> list[str]:
+def launch(module: str, processes: int = 2) -> list[str]:
     return [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", str(processes),
-            "--main_process_port", str(free_port()), str(HERE / script)]  # fmt: skip
+            "--main_process_port", str(free_port()), "-m", f"benchmarks.{module}"]  # fmt: skip
+
+
+def python(module: str) -> list[str]:
+    return [sys.executable, "-m", f"benchmarks.{module}"]
 
 
 BENCHMARKS: list[tuple[str, list[str]]] = [
-    ("per-step overhead (check_interval 100 with the socket; all on, a vote every step)", launch("overhead.py")),
-    ("CLI start-up", [sys.executable, str(HERE / "cli_startup.py")]),
-    ("latency: trigger file and ckptbus request", [sys.executable, str(HERE / "latency.py")]),
-    ("full save: async stall vs save_state, sync fsync vs dd", launch("save_stall.py")),
-    ("content digests: a synchronous save with and without them", launch("digest_cost.py")),
-    ("scale: save time, stall and bytes by model size and world size", [sys.executable, str(HERE / "scale.py")]),
+    ("per-step overhead (check_interval 100 with the socket; all on, a vote every step)", launch("overhead")),
+    ("CLI start-up", python("cli_startup")),
+    ("latency: trigger file and ckptbus request", python("latency")),
+    ("full save: async stall vs save_state, sync fsync vs dd", launch("save_stall")),
+    ("content digests: a synchronous save with and without them", launch("digest_cost")),
+    ("scale: save time, stall and bytes by model size and world size", python("scale")),
 ]
 
 
 def main() -> int:
     failed = 0
     for title, cmd in BENCHMARKS:
-        if not Path(cmd[-1]).exists():
-            print(f"== {title}: {Path(cmd[-1]).name} not present, skipped")
-            continue
+        cmd = [*cmd, *sys.argv[1:]]
         print(f"== {title}\n$ {' '.join(cmd)}", flush=True)
-        failed += subprocess.call(cmd) != 0
+        failed += subprocess.call(cmd, cwd=REPO) != 0
     return 1 if failed else 0
 
 

@@ -1,8 +1,8 @@
 """How long a full save holds training, and how fast a synchronous save persists, side by side in one run.
 
-Run under the launcher, 2 ranks over gloo:
+Run under the launcher, 2 ranks over gloo, from the repository root:
 
-    accelerate launch --multi_gpu --num_processes 2 benchmarks/save_stall.py
+    accelerate launch --multi_gpu --num_processes 2 -m benchmarks.save_stall [--smoke]
 
 A GPT-2 of about 42M parameters with AdamW's state (about 500 MB) is saved
 round after round by five arms, interleaved (the arm that goes first rotates)
@@ -49,7 +49,14 @@ steps of the save took than the round's steps without one.
 Figures (medians over the rounds after the first, which allocates the async
 buffers and warms the page cache): async stall / save_state time (target
 <= 0.10), sync throughput / dd throughput (target >= 0.80). Results go to
-benchmarks/results/save_stall.json and save_stall.png.
+benchmarks/results/save_stall.json and save_stall.png. The knobs the
+``1 writer`` and ``digests`` arms turn are the diagnostics of
+``DynamicCheckpoint.sink`` (``parallel_writers``, ``digests``), and so is
+the wait it counts for the async arm (``copy_wait_seconds``).
+
+``--smoke``: a GPT-2 of one block, 2 rounds, ``dd`` of one 4 MiB block:
+every arm end to end in seconds, the result checked and written to a
+temporary directory (benchmarks/output.py).
 """
 
 from __future__ import annotations
@@ -60,23 +67,23 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from ckptbus.plugins import DynamicCheckpoint, release
+
+from benchmarks.output import SMOKE_RESULTS, add_smoke_option, default_out, write_result
+from benchmarks.plots import plot_save_stall
+from ckptbus import CheckpointConfig, SaveCompleted, list_checkpoints
+from ckptbus._config import build
+from ckptbus._layout import withdraw
+from train import ModelConfig, TrainConfig, make_data, make_model
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from ckptbus.plugins import DynamicCheckpoint  # noqa: E402
-
-from ckptbus import CheckpointConfig, SaveCompleted, list_checkpoints  # noqa: E402
-from ckptbus._config import build  # noqa: E402
-from ckptbus._layout import withdraw  # noqa: E402
-from train import ModelConfig, TrainConfig, make_data, make_model  # noqa: E402
+COMMAND = "accelerate launch --multi_gpu --num_processes 2 -m benchmarks.save_stall"
 
 ARMS = (
     "save_state",
@@ -89,6 +96,22 @@ ARMS = (
     "ckptbus async process",
     "dd",
     "dd 2 streams",
+)
+REQUIRED = (
+    *(f"median_seconds_after_round_0.{arm}" for arm in ARMS),
+    "checkpoint_bytes",
+    "async_stall_over_save_state",
+    "async_stall_max_over_ranks_over_save_state",
+    "async_manifest_stall_over_save_state",
+    "async_extra_wall_over_save_state",
+    "async_process_stall_max_over_ranks_over_save_state",
+    "async_process_extra_wall_over_save_state",
+    "sync_throughput_over_dd",
+    "sync_crc32_throughput_over_dd",
+    "sync_n_writers_over_1_writer",
+    "digests_cost_over_sync",
+    "digests_read_back_cost_over_sync",
+    "dd_2_streams_over_1",
 )
 SYNC_VARIANTS = {
     # arm: (torch_save_crc32, parallel writers, how digests are taken)
@@ -136,16 +159,30 @@ def add_arm(
 
 
 def arguments(name: str, rounds: int) -> argparse.ArgumentParser:
-    """The options every save benchmark takes: rounds, model size, where the saves and the results go."""
+    """The options every save benchmark takes: rounds, model size, where the saves and the results go, --smoke.
+
+    Read them with :func:`parse`, which applies ``--smoke``.
+    """
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=rounds)
     parser.add_argument("--n-layer", type=int, default=6)
-    parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument(
-        "--dir", default=str(REPO / "outputs" / f"bench-{name.replace('_', '-')}"), help="where the saves go"
-    )
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / f"{name}.json"))
+    parser.add_argument("--n-embd", type=int, default=768, help="a multiple of 12 (the heads)")
+    parser.add_argument("--dir", help=f"where the saves go (default outputs/bench-{name.replace('_', '-')})")
+    parser.add_argument("--out", help=f"the JSON result (default benchmarks/results/{name}.json)")
+    add_smoke_option(parser)
+    parser.set_defaults(name=name)
     return parser
+
+
+def parse(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The arguments of :func:`arguments`; with ``--smoke`` a model of one block, 2 rounds, a temporary home."""
+    args = parser.parse_args()
+    folder = f"bench-{args.name.replace('_', '-')}"
+    if args.smoke:
+        args.rounds, args.n_layer, args.n_embd = 2, 1, 48
+    args.dir = args.dir or str(SMOKE_RESULTS / folder if args.smoke else REPO / "outputs" / folder)
+    args.out = args.out or default_out(args.name, args.smoke)
+    return args
 
 
 def sync_and_async_arms(
@@ -195,7 +232,7 @@ class Training:
 
 
 def main() -> None:
-    args = arguments("save_stall", rounds=4).parse_args()
+    args = parse(arguments("save_stall", rounds=4))
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     main_process = accelerator.is_main_process
@@ -216,9 +253,7 @@ def main() -> None:
         ckpt_config(root / "async_process", True, False, "process"),
     )
     for arm, (crc32, parallel, digests) in SYNC_VARIANTS.items():
-        sink = add_arm(
-            accelerator, ckpts, completed, arm, ckpt_config(root / arm.replace(" ", "_"), False, crc32)
-        )._sink
+        sink = add_arm(accelerator, ckpts, completed, arm, ckpt_config(root / arm.replace(" ", "_"), False, crc32)).sink
         sink.parallel_writers = parallel
         sink.digests = digests
     steps = dict.fromkeys(ckpts, 0)
@@ -262,7 +297,7 @@ def main() -> None:
         held = 0.0
         in_flight = 0
         window = time.perf_counter()
-        waited_before = ckpt._sink.copy_wait_seconds
+        waited_before = ckpt.sink.copy_wait_seconds
         while not done:  # the save is decided at the first step() and, if async, committed at a later one
             train_step()
             steps[arm] += 1
@@ -272,7 +307,7 @@ def main() -> None:
             in_flight += 1
         # An async save copies the parameters and optimizer state while the next step computes; optimizer.step()
         # waits if the copies are not done by then. That wait holds training too.
-        held += ckpt._sink.copy_wait_seconds - waited_before
+        held += ckpt.sink.copy_wait_seconds - waited_before
         accelerator.wait_for_everyone()
         extra_wall = max_over(time.perf_counter() - window - in_flight * step_seconds)
         # The main process snapshots (and, synchronously, writes) the model and optimizer; in the vote the other
@@ -296,7 +331,7 @@ def main() -> None:
 
     def run_dd(round_index: int, streams: int) -> None:
         nbytes = int(extra["sync_bytes"][-1]) if extra["sync_bytes"] else 500 * 2**20
-        count = nbytes // (4 * 2**20) // streams
+        count = max(1, nbytes // (4 * 2**20) // streams)  # at least one block: a smoke checkpoint is smaller
         accelerator.wait_for_everyone()
         seconds = 0.0
         if main_process:
@@ -346,7 +381,7 @@ def main() -> None:
             arm: statistics.median(extra[f"{arm} max over ranks"][kept]) for arm in ARMS if arm.startswith("ckptbus")
         }
         result: dict[str, Any] = {
-            "command": "accelerate launch --multi_gpu --num_processes 2 benchmarks/save_stall.py",
+            "command": COMMAND,
             "device": str(accelerator.device),
             "world_size": accelerator.num_processes,
             "parameters": parameters,
@@ -384,9 +419,7 @@ def main() -> None:
                 k: extra[k] for k in ("async_manifest_stall", "async_write", "steps_in_flight", "async_extra_wall")
             },
         }
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-        plot(result, Path(args.out).with_suffix(".png"))
+        plot_save_stall(result, write_result(args.out, result, REQUIRED).with_suffix(".png"))
         keys = (
             "median_seconds_after_round_0",
             "async_stall_over_save_state",
@@ -404,18 +437,8 @@ def main() -> None:
         )
         print(json.dumps({k: result[k] for k in keys}, indent=2))
         shutil.rmtree(root, ignore_errors=True)
-    prepared.clear()
-    accelerator.free_memory()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    # The figure lives in plots.py, which imports no torch, so that it can be redrawn from the JSON alone.
-    from plots import plot_save_stall  # benchmarks/ is on sys.path: this file runs as a script
-
-    plot_save_stall(result, path)
+    prepared.clear()  # the DDP model before the process group: see release()
+    release(accelerator)
 
 
 if __name__ == "__main__":

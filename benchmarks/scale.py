@@ -1,11 +1,13 @@
 """Save time, training stall and bytes against model size and world size.
 
-    python benchmarks/scale.py                                    # 10M, 50M, 200M params x 1, 2, 4 ranks
-    python benchmarks/scale.py --sizes 10M --worlds 1,2 --rounds 1   # a quick check
+    python -m benchmarks.scale                                       # 10M, 50M, 200M params x 1, 2, 4 ranks
+    python -m benchmarks.scale --sizes 10M --worlds 1,2 --rounds 1   # a quick check
+    python -m benchmarks.scale --smoke       # one cell, 200K params x 2 ranks, 1 round, in a temporary directory
 
-For every cell (model size x world size) this starts ``accelerate launch [--multi_gpu] --num_processes W
-benchmarks/scale_worker.py ...`` in a session of its own, with a timeout (the whole group is killed on timeout,
-or when the machine's available memory falls below ``--min-free-gb``), and collects one JSON result. The worker
+(from the repository root). For every cell (model size x world size) this starts ``accelerate launch
+[--multi_gpu] --num_processes W -m benchmarks.scale_worker ...`` in a session of its own, with a timeout (the
+whole group is killed on timeout, or when the machine's available memory falls below ``--min-free-gb``), and
+collects one JSON result; the figures are checked at the end (benchmarks/output.py). The worker
 (see its docstring) measures, round after round with the first arm rotating: plain ``accelerator.save_state``,
 a synchronous ckptbus full save, and an asynchronous one (the time training is held), on a GPT-2 of 16 blocks
 whose width sets the size (the number of tensors stays the same, only their size changes).
@@ -34,18 +36,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.output import SMOKE_RESULTS, add_smoke_option, default_out, write_result
+from testkit.procs import free_port
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# The one free_port (and wait_for) of the tests and benchmarks: tests/procs.py, standard library only.
-sys.path.insert(0, str(REPO / "tests"))
-
-from procs import free_port  # noqa: E402
-
 WORK = REPO / "outputs" / "bench-scale"
 VOCAB = 1024
 SEQUENCE_LEN = 16  # the worker's sequence_len: the size of GPT-2's position embedding
 N_LAYER = 16
-SIZES: dict[str, tuple[int, int]] = {"10M": (224, 7), "50M": (512, 8), "200M": (1024, 16)}  # n_embd, n_head
+# n_embd, n_head; 200K is the smoke run's
+SIZES: dict[str, tuple[int, int]] = {"200K": (32, 2), "10M": (224, 7), "50M": (512, 8), "200M": (1024, 16)}
 GIB = 2**30
 BASE_RANK_BYTES = 0.9 * GIB
 """Peak RSS of one rank beyond the model's tensors: torch, transformers, accelerate, gloo (measured: 0.6 GiB)."""
@@ -119,13 +120,14 @@ def kill_group(proc: subprocess.Popen[bytes]) -> None:
 
 def run_cell(size: str, world: int, args: argparse.Namespace) -> dict[str, Any]:
     n_embd, n_head = SIZES[size]
-    out = WORK / f"cell-{size}-w{world}.json"
-    log_path = WORK / "logs" / f"{size}-w{world}.log"
+    work = Path(args.work)
+    out = work / f"cell-{size}-w{world}.json"
+    log_path = work / "logs" / f"{size}-w{world}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    saves = WORK / "saves"
+    saves = work / "saves"
     cmd = [accelerate_bin(), "launch", *(["--multi_gpu"] if world > 1 else []), "--num_processes", str(world),
-           "--main_process_port", str(free_port()), str(HERE / "scale_worker.py"),
+           "--main_process_port", str(free_port()), "-m", "benchmarks.scale_worker",
            "--n-layer", str(N_LAYER), "--n-embd", str(n_embd), "--n-head", str(n_head), "--vocab-size", str(VOCAB),
            "--rounds", str(args.rounds), "--dir", str(saves), "--out", str(out)]  # fmt: skip
     started = time.perf_counter()
@@ -241,21 +243,27 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per cell before its group is killed")
     parser.add_argument("--reserve-gb", type=float, default=3.0, help="memory (GiB) a cell must leave to others")
     parser.add_argument("--min-free-gb", type=float, default=1.5, help="kill a cell if less memory is available")
-    parser.add_argument("--out", default=str(HERE / "results" / "scale.json"))
+    parser.add_argument("--work", help=f"cells' results, logs and saves (default {WORK.relative_to(REPO)})")
+    parser.add_argument("--out", help="the JSON result (default benchmarks/results/scale.json)")
+    add_smoke_option(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes, args.worlds, args.rounds, args.timeout = "200K", "2", 1, 300.0
+    args.work = args.work or str(SMOKE_RESULTS / "bench-scale" if args.smoke else WORK)
+    args.out = args.out or default_out("scale", args.smoke)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     worlds = [int(w) for w in args.worlds.split(",") if w.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
         parser.error(f"unknown size(s) {unknown}; known: {list(SIZES)}")
 
-    command = " ".join(["python", "benchmarks/scale.py", *sys.argv[1:]])
+    command = " ".join(["python", "-m", "benchmarks.scale", *sys.argv[1:]])
     print(f"$ {command}")
     for size in sizes:
         n_embd, n_head = SIZES[size]
         print(f"  {size}: GPT-2 n_layer={N_LAYER} n_embd={n_embd} n_head={n_head} vocab={VOCAB}: "
               f"{parameters(n_embd):,} parameters")  # fmt: skip
-    WORK.mkdir(parents=True, exist_ok=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     code = code_fingerprint()
     print(f"  code: HEAD {code['git_head'][:10]}, uncommitted {code['uncommitted']}, sha256 {code['sha256']}")
     started = time.perf_counter()
@@ -324,9 +332,14 @@ def main() -> int:
             "async_stall_max_ranks_s: the slowest rank's. exponent k: seconds ~ bytes^k (k > 1: faster than bytes)."
         ),
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    # Every cell measured (in a smoke run, every cell asked for: none may be skipped) has its figures.
+    expected = [c for c in cells if "skipped" not in c or args.smoke]
+    required = [
+        ("growth_by_world_size", str(c["world_size"]), arm, "seconds_per_gb", c["size"])
+        for c in expected
+        for arm in GROWTH_ARMS
+    ]
+    out = write_result(args.out, result, required)
     plot(result, out.with_suffix(".png"))
     print_table(result)
     print(f"total {total:.0f} s; wrote {out} and {out.with_suffix('.png')}")

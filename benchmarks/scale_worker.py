@@ -1,6 +1,6 @@
 """One cell of benchmarks/scale.py: one model size at one world size, run under the launcher.
 
-    accelerate launch --multi_gpu --num_processes 2 benchmarks/scale_worker.py --n-layer 16 --n-embd 512 \
+    accelerate launch --multi_gpu --num_processes 2 -m benchmarks.scale_worker --n-layer 16 --n-embd 512 \
         --n-head 8 --out /tmp/cell.json
 
 (benchmarks/scale.py starts it for every cell.) A GPT-2 built from a config is prepared with AdamW and trained
@@ -16,8 +16,9 @@ arms save it:
   optimizer, as ``save_state`` writes them there) is held, summed over the steps until the checkpoint is
   committed, with a training step before each: in ``ckpt.step()``, plus in ``optimizer.step()``, where ckptbus
   may hold the step until its writer thread copied the state (a step pre-hook; timed here between a global
-  optimizer pre-hook, which torch runs first, and a pre-hook registered after ckptbus's). The slowest rank's
-  figure and the manifest's ``stall_seconds`` / ``write_seconds`` are recorded too.
+  optimizer pre-hook, which torch runs first, and a pre-hook registered after ckptbus's; ckptbus's own count
+  of that wait, ``DynamicCheckpoint.sink.copy_wait_seconds``, is recorded beside it as a cross-check). The
+  slowest rank's figure and the manifest's ``stall_seconds`` / ``write_seconds`` are recorded too.
 
 Bytes are the total size of a checkpoint's files. Every checkpoint is deleted once measured. The main process
 writes the samples, their medians and every rank's peak RSS to ``--out`` (JSON).
@@ -26,27 +27,22 @@ writes the samples, their medians and every rank's peak RSS to ``--out`` (JSON).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import logging
 import os
 import resource
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from ckptbus.plugins import release
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-# train.py; benchmarks/ (save_stall.py) is on sys.path as the script's own folder.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from save_stall import REPO, sync_and_async_arms
-
+from benchmarks.save_stall import REPO, sync_and_async_arms
 from ckptbus import SaveCompleted, list_checkpoints, read_checkpoint
 from ckptbus._layout import withdraw
 from train import ModelConfig, TrainConfig, make_data, make_model
@@ -213,8 +209,7 @@ def main() -> None:
         in_flight = 0
         late_hook = None
         hold["total"] = 0.0
-        sink = getattr(ckpt, "_sink", None)  # ckptbus's own count of that wait, where it keeps one: a cross-check
-        waited_before = getattr(sink, "copy_wait_seconds", None)
+        waited_before = ckpt.sink.copy_wait_seconds  # ckptbus's own count of that wait: a cross-check
         window = time.perf_counter()
         while not done:  # decided and snapshotted at the first step(), committed at a later one
             train_step()
@@ -228,9 +223,8 @@ def main() -> None:
         if late_hook is not None:
             late_hook.remove()
         held_in_optimizer = hold["total"]
-        if waited_before is not None:
-            waited = getattr(sink, "copy_wait_seconds", waited_before) - waited_before
-            samples["async_ckptbus_copy_wait_s"].append(max_over_ranks(waited if main_process else 0.0))
+        waited = ckpt.sink.copy_wait_seconds - waited_before
+        samples["async_ckptbus_copy_wait_s"].append(max_over_ranks(waited if main_process else 0.0))
         samples["async_commit_wall_s"].append(max_over_ranks(time.perf_counter() - window))
         samples["async_held_in_step_s"].append(max_over_ranks(held if main_process else 0.0))
         samples["async_held_in_optimizer_s"].append(max_over_ranks(held_in_optimizer if main_process else 0.0))
@@ -263,12 +257,9 @@ def main() -> None:
         )
 
     global_hook.remove()
-    snapshot = getattr(getattr(ckpts["async"], "_sink", None), "_snapshot", None)  # host buffers kept for reuse
-    snapshot_bytes = float(snapshot.nbytes) if snapshot is not None else 0.0
     for ckpt in ckpts.values():
         ckpt.close()
     rss = every_rank(peak_rss_bytes())
-    snapshot_bytes = max_over_ranks(snapshot_bytes)
     if main_process:
         result: dict[str, Any] = {
             "parameters": parameters,
@@ -280,19 +271,13 @@ def main() -> None:
             "median": {k: statistics.median(v) for k, v in samples.items() if v},
             "samples": samples,
             "peak_rss_bytes_per_rank": rss,
-            "async_host_snapshot_bytes": snapshot_bytes,
             "worker_seconds": time.perf_counter() - started,
         }
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(root, ignore_errors=True)
-    # Free the DDP model before the process group goes away (see train.py: gloo can hang at exit otherwise).
-    prepared.clear()
+    prepared.clear()  # the DDP model before the process group: see release()
     ckpts.clear()
-    accelerator.free_memory()
-    gc.collect()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    release(accelerator)
 
 
 if __name__ == "__main__":

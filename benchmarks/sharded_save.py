@@ -1,7 +1,9 @@
 """What a save holds training under DeepSpeed and FSDP, against DDP, and what an asynchronous sharded save would.
 
-    python benchmarks/sharded_save.py          # launches every engine in turn; results in one JSON
+    python -m benchmarks.sharded_save          # launches every engine in turn; results in one JSON
+    python -m benchmarks.sharded_save --smoke  # DDP and FSDP sharded (every arm), tiny, in a temporary dir
 
+(from the repository root).
 Each engine runs as its own ``accelerate launch`` of 2 ranks (on a machine
 without GPUs: over gloo, through tests/scripts/cpu_ranks.py, FSDP through
 its test-only shim), with a GPT-2 of about 42M parameters and AdamW's state
@@ -23,6 +25,11 @@ its test-only shim), with a GPT-2 of about 42M parameters and AdamW's state
 
 Figures are the slowest rank's, medians over the rounds after the first.
 Results: benchmarks/results/sharded_save.json.
+
+``--smoke``: a GPT-2 of one block, 2 rounds, under DDP and FSDP sharded
+only (between them every arm; the other engines run the same code, and
+tests/test_deepspeed.py and test_fsdp.py run them), the result checked and
+written to a temporary directory (benchmarks/output.py).
 """
 
 from __future__ import annotations
@@ -40,10 +47,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from benchmarks.output import SMOKE_RESULTS, add_smoke_option, default_out, write_result
+from testkit.procs import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 CPU_RANKS = REPO / "tests" / "scripts" / "cpu_ranks.py"
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
 ENGINES: dict[str, list[str]] = {
     "ddp": ["--multi_gpu"],
@@ -60,7 +68,6 @@ FSDP_WRAP = ["--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_transf
 
 def launch(engine: str, args: argparse.Namespace, part: Path) -> dict[str, Any]:
     import torch
-    from procs import free_port
 
     on_gpus = torch.cuda.is_available()
     launcher = [*ENGINES[engine], *(FSDP_WRAP if engine.startswith("fsdp") else [])]
@@ -76,7 +83,8 @@ def launch(engine: str, args: argparse.Namespace, part: Path) -> dict[str, Any]:
         "--main_process_port",
         str(free_port()),
         *wrapper,
-        str(Path(__file__).resolve()),
+        "-m",  # (of accelerate launch, or of cpu_ranks.py, which runs the module as `python -m` would)
+        "benchmarks.sharded_save",
         "--worker",
         "--engine",
         engine,
@@ -94,7 +102,7 @@ def launch(engine: str, args: argparse.Namespace, part: Path) -> dict[str, Any]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "ACCELERATE_DISABLE_RICH": "1"}
     print("$", " ".join(command), flush=True)
     # A session of its own, so that a run past its time is killed with its ranks (torchrun's own groups too).
-    with subprocess.Popen(command, env=env, start_new_session=True) as proc:
+    with subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True) as proc:
         try:
             code = proc.wait(timeout=args.timeout)
         except subprocess.TimeoutExpired:
@@ -109,14 +117,14 @@ def launch(engine: str, args: argparse.Namespace, part: Path) -> dict[str, Any]:
 
 def drive(args: argparse.Namespace) -> None:
     results: dict[str, Any] = {
-        "command": "python benchmarks/sharded_save.py",
+        "command": " ".join(["python", "-m", "benchmarks.sharded_save", *sys.argv[1:]]),
         "engines": {},
     }
     out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for engine in args.engines:
         results["engines"][engine] = launch(engine, args, out.with_suffix(f".{engine.replace(' ', '_')}.part"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    write_result(out, results, [("engines", engine, "median_seconds_after_round_0", arm) for engine, arm in arms(args)])
     for engine, figures in results["engines"].items():
         line = ", ".join(f"{arm} {seconds:.3f} s" for arm, seconds in figures["median_seconds_after_round_0"].items())
         print(f"{engine}: {line}")
@@ -130,7 +138,7 @@ def work(args: argparse.Namespace) -> None:
     import torch
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
-    from ckptbus.plugins import DynamicCheckpoint
+    from ckptbus.plugins import DynamicCheckpoint, release
     from torch.utils.data import DataLoader
 
     from ckptbus import CheckpointConfig, SaveCompleted, list_checkpoints
@@ -259,11 +267,8 @@ def work(args: argparse.Namespace) -> None:
         }
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(root, ignore_errors=True)
-    del prepared[:]
-    accelerator.free_memory()
-    accelerator.end_training()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    del prepared[:], loader  # the DDP model before the process group: see release()
+    release(accelerator)
 
 
 def dcp_arms(
@@ -322,6 +327,17 @@ def dcp_arms(
     return {"dcp save": sync, "dcp async_save": asynchronous}
 
 
+def arms(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(engine, arm) of every figure the engines asked for must report."""
+    wanted = []
+    for engine in args.engines:
+        names = ["save_state", "ckptbus full", "ckptbus weights"]
+        names += ["ckptbus async"] if engine == "ddp" else []
+        names += ["dcp save", "dcp async_save", "dcp async total"] if engine == "fsdp sharded" else []
+        wanted += [(engine, name) for name in names]
+    return wanted
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
@@ -329,12 +345,17 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--n-layer", type=int, default=6)
     parser.add_argument("--n-embd", type=int, default=768)
-    parser.add_argument("--dir", default=str(REPO / "outputs" / "bench-sharded-save"), help="where the saves go")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "sharded_save.json"))
+    parser.add_argument("--dir", help="where the saves go (default outputs/bench-sharded-save)")
+    parser.add_argument("--out", help="the JSON result (default benchmarks/results/sharded_save.json)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds one engine may take")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
+    add_smoke_option(parser)
     args = parser.parse_args()
+    if args.smoke and not args.worker:
+        args.engines, args.rounds, args.n_layer, args.n_embd, args.timeout = ["ddp", "fsdp sharded"], 2, 1, 48, 300
+    args.dir = args.dir or str((SMOKE_RESULTS if args.smoke else REPO / "outputs") / "bench-sharded-save")
+    args.out = args.out or default_out("sharded_save", args.smoke)
     if args.worker:
         work(args)
     else:

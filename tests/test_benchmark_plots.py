@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.plots import ratio_of_medians_interval
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -23,7 +25,8 @@ def test_redraw_from_json(result: str, tmp_path: Path) -> None:
     copy = tmp_path / Path(result).name
     shutil.copy(RESULTS / result, copy)
     out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "plots.py"), str(copy)],
+        [sys.executable, "-m", "benchmarks.plots", str(copy)],
+        cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
@@ -34,11 +37,6 @@ def test_redraw_from_json(result: str, tmp_path: Path) -> None:
 
 def test_interval_when_the_run_recorded_none() -> None:
     """An older result without a recorded interval gets one computed from its samples, around its figure."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        from plots import ratio_of_medians_interval
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
     base = [1.0, 1.1, 0.9, 1.05, 0.95, 1.0]
     low, high = ratio_of_medians_interval(base, [b * 1.02 for b in base])
     assert low <= 1 / 1.02 <= high and high - low < 1e-9  # same noise in both arms: no spread at all

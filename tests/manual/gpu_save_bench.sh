@@ -17,4 +17,4 @@ mkdir -p benchmarks/results/gpu
 multi=()
 [ "$NPROC" -gt 1 ] && multi=(--multi_gpu)
 .venv/bin/accelerate launch "${multi[@]}" --num_processes "$NPROC" --main_process_port "${PORT:-29611}" \
-    benchmarks/save_stall.py --rounds "$ROUNDS" --out benchmarks/results/gpu/save_stall.json
+    -m benchmarks.save_stall --rounds "$ROUNDS" --out benchmarks/results/gpu/save_stall.json
