@@ -67,6 +67,20 @@ def digest_file(path: str | os.PathLike[str]) -> str:
     return digester.value()
 
 
+def digest_fd(fd: int, limit: int) -> tuple[str, int]:
+    """The digest of the open file ``fd`` from its current offset, and the bytes read: at most ``limit`` + 1,
+    so a file that grows while it is read is noticed without reading on forever. Raises :class:`OSError`."""
+    digester = Digester()
+    buffer = bytearray(min(CHUNK_BYTES, limit + 1))
+    view = memoryview(buffer)
+    read = 0
+    with open(fd, "rb", buffering=0, closefd=False) as fh:
+        while read <= limit and (count := fh.readinto(view[: min(len(buffer), limit + 1 - read)])):
+            digester.update(view[:count])
+            read += count
+    return digester.value(), read
+
+
 _MOVED_TO_VERIFY: Final = frozenset({"VERIFY_MODES", "VerifyMode", "VerifyReport", "verify_checkpoint"})
 
 
@@ -82,4 +96,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["ALGORITHM", "CHUNK_BYTES", "Digester", "digest_file"]
+__all__ = ["ALGORITHM", "CHUNK_BYTES", "Digester", "digest_fd", "digest_file"]

@@ -7,7 +7,9 @@ after a rename) share it without importing each other. Standard library only.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 
 
@@ -21,10 +23,19 @@ def fsync_path(path: Path, *, directory: bool) -> None:
 
 
 def fsync_tree(root: Path) -> dict[str, int]:
-    """fsync every file and directory under ``root``; return {relative path: size}."""
+    """fsync every file and directory under ``root``; return {relative path: size}.
+
+    Raises :class:`OSError` naming the entry if anything under ``root`` is neither a regular file nor a
+    directory (a symbolic link, a FIFO, a device): a checkpoint holds regular files only, and a reader refuses
+    anything else (ckptbus/_contained.py), so such a save must fail rather than be called complete."""
     files: dict[str, int] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         d = Path(dirpath)
+        for name in [*filenames, *dirnames]:
+            mode = os.lstat(d / name).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                why = "neither a regular file nor a directory (all a checkpoint may hold)"
+                raise OSError(errno.EINVAL, why, d / name)
         for name in filenames:
             f = d / name
             fsync_path(f, directory=False)

@@ -26,6 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._contained import (
+    Problem,
+    check_listed,
+    open_checkpoint_dir,
+    read_manifest_text,
+    symlink_refusal,
+    unlisted_problem,
+)
 from ._errors import CheckpointError
 from ._fsync import fsync_path, fsync_tree
 from ._manifest import MANIFEST_FORMAT, SCHEDULED_REASON, Manifest, write_manifest
@@ -62,7 +70,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
     """Validate the checkpoint at ``path``.
 
     Raises :class:`CheckpointError` saying why it is not a complete ckptbus
-    checkpoint (no manifest, bad manifest, a listed file missing or truncated).
+    checkpoint (no manifest, bad manifest, a listed file missing or truncated)
+    or is refused (a symbolic link, a listed path outside it or not a regular
+    file, a file its manifest does not list: :func:`read_checkpoint_files`).
     """
     p = Path(path)
     if p.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
@@ -75,31 +85,48 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointInfo:
 
 
 def read_checkpoint_files(p: Path) -> CheckpointInfo:
-    """Validate the manifest and files of the directory ``p``, whatever its name."""
-    if not p.exists():
-        raise CheckpointError(f"{p} does not exist; `ckptbus list --output-dir DIR` shows the complete checkpoints")
-    if not p.is_dir():
-        raise CheckpointError(f"{p} is not a directory")
-    try:
-        raw = (p / MANIFEST_NAME).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CheckpointError(f"{p} has no {MANIFEST_NAME}: it is not a complete ckptbus checkpoint") from None
-    except OSError as exc:
-        raise CheckpointError(f"{p / MANIFEST_NAME} cannot be read: {exc.strerror}") from None
-    try:
-        manifest = Manifest.from_dict(json.loads(raw))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{p / MANIFEST_NAME} is not valid JSON: {exc}") from None
-    except CheckpointError as exc:
-        raise CheckpointError(f"{p / MANIFEST_NAME}: {exc}") from None
-    for name, size in manifest.files.items():
+    """Validate the manifest and files of the directory ``p``, whatever its name (ckptbus/_contained.py reads).
+
+    Refuses (:class:`CheckpointError`, naming the file and why) a ``p`` that is a symbolic link, a manifest
+    that is not a regular file or not valid, a ``checkpoint-<step>`` whose manifest is of another step, a
+    listed path outside the checkpoint or through a link, a listed file that is not a regular file, missing or
+    of another size, and any file the manifest does not list. Opens no listed file's contents."""
+    with open_checkpoint_dir(p) as root:
         try:
-            actual = (p / name).stat().st_size
-        except OSError:
-            raise CheckpointError(f"{p} is incomplete: {name} is missing") from None
-        if actual != size:
-            raise CheckpointError(f"{p} is incomplete: {name} has {actual} bytes, the manifest says {size}")
+            raw = read_manifest_text(root, p)
+        except FileNotFoundError:
+            raise CheckpointError(f"{p} has no {MANIFEST_NAME}: it is not a complete ckptbus checkpoint") from None
+        try:
+            manifest = Manifest.from_dict(json.loads(raw))
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{p / MANIFEST_NAME} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise CheckpointError(f"{p / MANIFEST_NAME} is nested too deeply to be a manifest") from None
+        except CheckpointError as exc:
+            raise CheckpointError(f"{p / MANIFEST_NAME}: {exc}") from None
+        named = _CHECKPOINT_RE.match(p.name)
+        if named and int(named.group(1)) != manifest.step:
+            raise CheckpointError(f"{p}: its manifest says step {manifest.step}, its name step {named.group(1)}")
+        for name, size in manifest.files.items():
+            problem = check_listed(root, name, size)
+            if problem is not None:
+                raise CheckpointError(_refusal(p, problem))
+        problem = unlisted_problem(root, manifest.files)
+        if problem is not None:
+            raise CheckpointError(_refusal(p, problem))
     return CheckpointInfo(p, manifest)
+
+
+def _refusal(p: Path, problem: Problem) -> str:
+    return f"{p} is incomplete: {problem.why}" if problem.incomplete else f"{p} is refused: {problem.why}"
+
+
+def was_complete(path: str | os.PathLike[str]) -> bool:
+    """Whether the directory entry ``path``, not a complete checkpoint, is *damaged* rather than never
+    completed: it holds a manifest (of any type), or it is a symbolic link (ckptbus never writes one, so
+    something replaced the directory). Follows no link."""
+    p = Path(path)
+    return p.is_symlink() or os.path.lexists(p / MANIFEST_NAME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +139,15 @@ class Unusable:
     damaged: bool
     """True if it holds a manifest: it was complete once, so something changed it since (a file truncated or
     removed, the manifest edited). False: a save that never completed, or a directory ckptbus did not write."""
+    link: bool = False
+    """True if the entry is a symbolic link: listed as unusable, never followed (``damaged`` too, so ``latest``
+    refuses rather than start over when nothing else passes)."""
 
 
 def scan_checkpoints(output_dir: str | os.PathLike[str]) -> tuple[list[CheckpointInfo], list[Unusable]]:
-    """Every ``checkpoint-<step>`` directory of ``output_dir``: the complete ones and the others with why,
-    each list oldest step first. Staging and trash directories are in neither."""
+    """Every ``checkpoint-<step>`` entry of ``output_dir``: the complete checkpoints and the others with why,
+    each list oldest step first. Staging and trash directories are in neither. An entry that is a symbolic
+    link, or not a directory, is unusable (a link is never followed: docs/integrity.md)."""
     root = Path(output_dir)
     found: list[CheckpointInfo] = []
     unusable: list[Unusable] = []
@@ -126,18 +157,19 @@ def scan_checkpoints(output_dir: str | os.PathLike[str]) -> tuple[list[Checkpoin
         return [], []
     for entry in entries:
         match = _CHECKPOINT_RE.match(entry.name)
-        if not match or not entry.is_dir(follow_symlinks=False):
+        if not match:
             continue
         step = int(match.group(1))
-        try:
-            info = read_checkpoint(entry.path)
-        except CheckpointError as exc:
-            damaged = os.path.lexists(os.path.join(entry.path, MANIFEST_NAME))
-            unusable.append(Unusable(Path(entry.path), step, str(exc), damaged))
+        path = Path(entry.path)
+        if entry.is_symlink():
+            # Listed, never followed (docs/integrity.md): counted as damaged, so `latest` never starts over
+            # quietly past a checkpoint a person linked in.
+            unusable.append(Unusable(path, step, symlink_refusal(path), True, link=True))
             continue
-        if info.step != step:
-            why = f"{entry.path}: its manifest says step {info.step}, its name step {step}"
-            unusable.append(Unusable(Path(entry.path), step, why, True))
+        try:
+            info = read_checkpoint(path)
+        except CheckpointError as exc:
+            unusable.append(Unusable(path, step, str(exc), was_complete(path)))
             continue
         found.append(info)
     found.sort(key=lambda c: c.step)
@@ -167,7 +199,9 @@ def latest_full(output_dir: str | os.PathLike[str]) -> CheckpointInfo | None:
 def prepare_staging(output_dir: str | os.PathLike[str], step: int) -> Path:
     """Create an empty staging directory for ``step`` (removing a leftover of the same name)."""
     staging = staging_path(output_dir, step)
-    if staging.exists():
+    if staging.is_symlink():
+        staging.unlink()  # the link only, never what it points to
+    elif staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     return staging
@@ -186,7 +220,8 @@ def commit(
     rename the directory and fsync the parent.
 
     If ``final`` already exists and is a complete ckptbus checkpoint it is
-    replaced; any other directory of that name is moved aside to
+    replaced; anything else of that name (a directory ckptbus did not
+    complete, a symbolic link, which is never followed) is moved aside to
     ``<final>.orphaned-<time>`` and kept.
     """
     manifest = write_manifest(staging, manifest_fields, fields_after_fsync, digests, read_back=read_back)
@@ -231,7 +266,14 @@ def clean_leftovers(output_dir: str | os.PathLike[str]) -> list[Path]:
     except FileNotFoundError:
         return removed
     for entry in entries:
-        if not (entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)) and entry.is_dir(follow_symlinks=False)):
+        if not entry.name.startswith((STAGING_PREFIX, TRASH_PREFIX)):
+            continue
+        if entry.is_symlink():
+            # A link moved to the trash by an earlier version (which followed it): remove the link, not its target.
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+            continue
+        if not entry.is_dir(follow_symlinks=False):
             continue
         if entry.name.startswith(TRASH_PREFIX) and _restore_replaced(Path(entry.path)):
             continue

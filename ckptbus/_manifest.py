@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Final
 
+from ._contained import MANIFEST_TMP_NAME
 from ._digest import digest_file
 from ._errors import CheckpointError
 from ._events import SAVE_KINDS, SaveKind
@@ -115,6 +116,8 @@ def write_manifest(
     Raises :class:`OSError` if a file cannot be fsynced or read back, or the manifest cannot be written; the
     directory then has no manifest, so it is not complete."""
     (directory / MANIFEST_NAME).unlink(missing_ok=True)
+    tmp = directory / MANIFEST_TMP_NAME
+    tmp.unlink(missing_ok=True)  # a leftover of an interrupted commit in place: never listed
     files = fsync_tree(directory)
     manifest = Manifest(
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -126,7 +129,6 @@ def write_manifest(
         **manifest_fields,
         **fields_after_fsync(),
     )
-    tmp = directory / (MANIFEST_NAME + ".tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(manifest.to_json())
         fh.flush()

@@ -109,6 +109,8 @@ def _step(candidate: CheckpointInfo | Unusable) -> int:
 
 
 def _unusable_why(unusable: Unusable) -> str:
+    if unusable.link:
+        return unusable.why
     if unusable.damaged:
         return f"damaged since it was written: {unusable.why}"
     return f"{unusable.why} (a save that never completed, or a directory ckptbus did not write)"

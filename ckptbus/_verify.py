@@ -13,13 +13,15 @@ neither imports it.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
-from ._digest import ALGORITHM, digest_file
+from ._contained import Problem, check_listed, open_checkpoint_dir, open_listed, unlisted_problem
+from ._digest import ALGORITHM, digest_fd
 from ._errors import CheckpointError
 from ._layout import CheckpointInfo
 
@@ -95,11 +97,15 @@ def verify_checkpoint(info: CheckpointInfo, mode: VerifyMode = "full") -> Verify
     """Check every file the manifest of ``info`` lists: it exists, has its size and (``full``) its digest.
 
     Never raises for what it finds: the first bad file is in the report
-    (``report.error()`` is the refusal to raise). Sizes are checked for every
-    file before any content is read, so a truncated file is reported without
-    reading gigabytes first. Files without a recorded digest (checkpoints
-    written before digests existed) are checked by size, and the report's
-    ``note`` says so. Raises ValueError for an unknown ``mode``.
+    (``report.error()`` is the refusal to raise). Every listed path is
+    checked before it is opened (ckptbus/_contained.py: inside the
+    checkpoint, no link on the way, a regular file, never blocking on a
+    FIFO), and a file the manifest does not list is a failure too: a resume
+    would load it unverified. Sizes are checked for every file before any
+    content is read, so a truncated file is reported without reading
+    gigabytes first. Files without a recorded digest (checkpoints written
+    before digests existed) are checked by size, and the report's ``note``
+    says so. Raises ValueError for an unknown ``mode``.
     """
     if mode not in VERIFY_MODES:
         raise ValueError(f"verify mode {mode!r} is not one of {VERIFY_MODES}")
@@ -107,13 +113,16 @@ def verify_checkpoint(info: CheckpointInfo, mode: VerifyMode = "full") -> Verify
     files = info.manifest.files
     if mode == "off":
         return VerifyReport(path=info.path, mode=mode)
-    bad = _first_bad_size(info.path, files)
     digests: Mapping[str, str] = info.manifest.digests if mode == "full" else {}
     read = 0
-    if bad is None:
-        bad, read = _first_bad_digest(info.path, files, digests)
+    try:
+        with open_checkpoint_dir(info.path) as root:
+            bad = _first_bad_entry(root, files)
+            if bad is None:
+                bad, read = _first_bad_digest(root, files, digests)
+    except CheckpointError as exc:
+        bad = Problem(".", "a checkpoint directory", "refused", str(exc))
     undigested = tuple(name for name in files if name not in digests) if mode == "full" else ()
-    bad_file, expected, found, problem = bad or (None, None, None, None)
     return VerifyReport(
         path=info.path,
         mode=mode,
@@ -121,34 +130,27 @@ def verify_checkpoint(info: CheckpointInfo, mode: VerifyMode = "full") -> Verify
         bytes_read=read,
         seconds=time.perf_counter() - started,
         undigested=undigested,
-        bad_file=bad_file,
-        expected=expected,
-        found=found,
-        problem=problem,
+        bad_file=bad.file if bad else None,
+        expected=bad.expected if bad else None,
+        found=bad.found if bad else None,
+        problem=bad.why if bad else None,
     )
 
 
-_Bad = tuple[str, str, str, str]
-"""(file, expected, found, problem in words)."""
-
-
-def _first_bad_size(root: Path, files: Mapping[str, int]) -> _Bad | None:
+def _first_bad_entry(root: int, files: Mapping[str, int]) -> Problem | None:
+    """The first listed file that is not a regular file of its size inside the checkpoint, else the first
+    entry the manifest does not list."""
     for name, size in files.items():
-        try:
-            actual = (root / name).stat().st_size
-        except FileNotFoundError:
-            return name, f"{size} bytes", "no file", f"{name} is missing (the manifest lists {size} bytes)"
-        except OSError as exc:
-            return name, f"{size} bytes", exc.strerror or str(exc), f"{name} cannot be read: {exc.strerror}"
-        if actual != size:
-            return name, f"{size} bytes", f"{actual} bytes", f"{name} has {actual} bytes, the manifest says {size}"
-    return None
+        problem = check_listed(root, name, size)
+        if problem is not None:
+            return problem
+    return unlisted_problem(root, dict(files))
 
 
-def _first_bad_digest(root: Path, files: Mapping[str, int], digests: Mapping[str, str]) -> tuple[_Bad | None, int]:
+def _first_bad_digest(root: int, files: Mapping[str, int], digests: Mapping[str, str]) -> tuple[Problem | None, int]:
     """The first file whose content does not match its recorded digest, and the bytes read until then."""
     read = 0
-    for name in files:
+    for name, size in files.items():
         expected = digests.get(name)
         if expected is None:
             continue
@@ -158,15 +160,23 @@ def _first_bad_digest(root: Path, files: Mapping[str, int], digests: Mapping[str
                 f"{name}: the manifest records a {algorithm!r} digest, which this version of ckptbus does not "
                 f"know (it computes {ALGORITHM}); upgrade ckptbus, or set dynamic_checkpoint.verify: sizes"
             )
-            return (name, expected, "unknown algorithm", why), read
+            return Problem(name, expected, "unknown algorithm", why), read
+        fd, problem = open_listed(root, name, size)  # checked again: the file may have changed since
+        if problem is not None:
+            return problem, read
         try:
-            found = digest_file(root / name)
+            found, count = digest_fd(fd, size)
         except OSError as exc:
-            return (name, expected, exc.strerror or str(exc), f"{name} cannot be read: {exc.strerror}"), read
-        read += files[name]
+            return Problem(name, expected, exc.strerror or str(exc), f"{name} cannot be read: {exc.strerror}"), read
+        finally:
+            os.close(fd)
+        read += count
+        if count != size:
+            why = f"{name} changed size while it was read ({count} bytes read, the manifest says {size})"
+            return Problem(name, f"{size} bytes", f"{count} bytes", why), read
         if found != expected:
             why = f"{name} has content digest {found}, the manifest records {expected}"
-            return (name, expected, found, why), read
+            return Problem(name, expected, found, why), read
     return None, read
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._layout import CheckpointInfo, list_checkpoints, rotation_victims
+from .._layout import CheckpointInfo, Unusable, rotation_victims, scan_checkpoints
 from .._names import EVENT_LOG_NAME
 from ._common import (
     EXIT_ERROR,
@@ -32,7 +32,10 @@ what asked for it (reason and labels), size, creation time (UTC), and whether
 save_total_limit rotation keeps it. The limit is not stored on disk: give it
 with --save-total-limit N (and --rotate-on-demand), or --config FILE to read
 save_total_limit and rotate_on_demand from the run's config; without either,
-the ROTATION column shows '-'. Incomplete directories are not listed.
+the ROTATION column shows '-'. A checkpoint-<step> entry that is not a
+complete checkpoint is not in the table: it is named on stderr with why
+("not usable (damaged)" or "(incomplete)"), a symbolic link among them:
+ckptbus never follows a checkpoint-<step> that is a link.
 
 --plot FILE draws the run's save history from its event log
 (DIR/ckptbus-events.jsonl): when each save finished, how long it took and how
@@ -41,8 +44,10 @@ long it held training, failed saves included. It needs matplotlib."""
 EPILOG = """\
 --json: {"ok": true, "output_dir", "save_total_limit", "rotate_on_demand",
 "checkpoints": [{"path", "step", "kind", "reason", "labels", "bytes",
-"created", "world_size", "keep"}]} ("keep" is null without a limit), and
-"plot": the image's absolute path with --plot
+"created", "world_size", "keep"}]} ("keep" is null without a limit),
+"unusable": [{"path", "step", "why", "damaged", "link"}] (checkpoint-<step>
+entries that are not complete checkpoints), and "plot": the image's absolute
+path with --plot
 
 exit codes: 0 ok (also when there is no checkpoint yet), 1 --plot failed (no
 event log, or no matplotlib), 2 usage (a missing folder, or a checkpoint
@@ -98,9 +103,10 @@ def list_command(args: argparse.Namespace) -> int:
         plot_note = _plot(output_dir, args.plot) if args.plot is not None else None
     except CommandError as exc:
         return fail(args, exc)
-    checkpoints = list_checkpoints(output_dir)
+    checkpoints, unusable = scan_checkpoints(output_dir)
     victims = {c.path for c in rotation_victims(checkpoints, limit, on_demand=on_demand)}
     rows = [_row(c, None if limit is None else c.path not in victims) for c in checkpoints]
+    others = [_unusable_row(u) for u in unusable]
     if args.json:
         plot = {"plot": os.path.abspath(args.plot)} if args.plot is not None else {}
         emit_json(
@@ -110,11 +116,15 @@ def list_command(args: argparse.Namespace) -> int:
                 "save_total_limit": limit,
                 "rotate_on_demand": on_demand,
                 "checkpoints": rows,
+                "unusable": others,
                 **plot,
             }
         )
     else:
         print(format_table(rows) if rows else f"no complete checkpoints in {output_dir}")
+        for other in others:  # stderr: stdout stays the table; never a silent skip
+            state = "damaged" if other["damaged"] else "incomplete"
+            print(f"ckptbus list: not usable ({state}): {other['path']}: {other['why']}", file=sys.stderr)
         if plot_note is not None:
             print(f"ckptbus list: {plot_note}", file=sys.stderr)  # stderr: stdout stays the table
     return EXIT_OK
@@ -156,6 +166,16 @@ def _row(info: CheckpointInfo, keep: bool | None) -> dict[str, Any]:
         "created": m.created,
         "world_size": m.world_size,
         "keep": keep,
+    }
+
+
+def _unusable_row(unusable: Unusable) -> dict[str, Any]:
+    return {
+        "path": os.path.abspath(unusable.path),
+        "step": unusable.step,
+        "why": unusable.why,
+        "damaged": unusable.damaged,
+        "link": unusable.link,
     }
 
 

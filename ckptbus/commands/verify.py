@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import CheckpointError
-from .._layout import Unusable, read_checkpoint, scan_checkpoints
-from .._names import MANIFEST_NAME
+from .._layout import Unusable, read_checkpoint, scan_checkpoints, was_complete
 from .._verify import VERIFY_MODES, VerifyMode, VerifyReport, verify_checkpoint
 from ._common import (
     EXIT_ERROR,
@@ -38,9 +37,13 @@ folder in a run's output directory, newest first.
 Each line says ok, FAILED (the first bad file, what the manifest records and
 what is on disk) or INCOMPLETE (no manifest: a save that never completed, or
 a folder ckptbus did not write; resume never takes those, and they do not
-fail the command). Checkpoints written before digests existed are checked by
-size, and say so. Reads every byte with --mode full: about one read of the
-checkpoints from disk."""
+fail the command). A listed path outside the checkpoint or through a
+symbolic link, a listed file that is not a regular file (never opened, so a
+FIFO cannot hang it), a file the manifest does not list, and a
+checkpoint-<step> folder that is a symbolic link are FAILED, named
+(pass a link's real path instead). Checkpoints written before digests existed are checked
+by size, and say so. Reads every byte with --mode full: about one read of
+the checkpoints from disk."""
 
 EPILOG = """\
 --json: {"ok": true|false, "checkpoints": [{"path", "step", "status" (ok,
@@ -116,8 +119,9 @@ def _check(target: Path | Unusable, mode: VerifyMode) -> dict[str, Any]:
     try:
         info = read_checkpoint(target)
     except CheckpointError as exc:
-        damaged = (target / MANIFEST_NAME).is_file()
-        return _row(target, "failed" if damaged else "incomplete", mode, problem=str(exc))
+        # The same verdict as --output-dir gives the same folder (scan_checkpoints): a manifest, or a link, is
+        # a checkpoint that was complete once and changed since.
+        return _row(target, "failed" if was_complete(target) else "incomplete", mode, problem=str(exc))
     report = verify_checkpoint(info, mode)
     return _row(info.path, "ok" if report.ok else "failed", mode, report=report, step=info.step)
 

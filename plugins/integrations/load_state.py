@@ -34,6 +34,7 @@ from accelerate.utils import load as accelerate_load
 from safetensors import safe_open
 
 from ckptbus import CheckpointError
+from ckptbus._contained import open_checkpoint_dir, unlisted_entries
 from ckptbus._layout import CheckpointInfo
 
 # The order in which load_state reads a checkpoint's files (accelerate/checkpointing.py).
@@ -97,11 +98,30 @@ def _explain(info: CheckpointInfo, exc: Exception) -> CheckpointError:
         if problem is not None:
             return _refusal(info, name, problem, "")
     cause = _first_line(exc)
+    extra = _unlisted(info)
+    if extra:
+        # Verified before loading, so these appeared since: load_state reads files by name (and counts every
+        # custom_checkpoint_<n>.pkl), so one of them, not the model, is what it tripped on.
+        return CheckpointError(
+            f"cannot resume from {info.path}: accelerator.load_state failed ({type(exc).__name__}: {cause}); the "
+            f"checkpoint holds {', '.join(extra)}, which its manifest does not list (added after it was written "
+            "and verified): remove it, or resume from another checkpoint"
+        )
     return CheckpointError(
         f"cannot resume from {info.path}: accelerator.load_state failed ({type(exc).__name__}: {cause}), although "
-        "every file of the checkpoint opens on its own: this run's model, optimizer or scheduler does not match "
-        "the ones that saved it (another model config, other parameter groups, another number of models?)"
+        "every file of the checkpoint opens on its own: this run's model, optimizer, scheduler or registered "
+        "objects (register_for_checkpointing) do not match the ones that saved it (another model config, other "
+        "parameter groups, another number of models or custom objects?)"
     )
+
+
+def _unlisted(info: CheckpointInfo) -> list[str]:
+    """The entries of the checkpoint its manifest does not list (none if the directory cannot be read)."""
+    try:
+        with open_checkpoint_dir(info.path) as root:
+            return [name for name, _ in unlisted_entries(root, info.manifest.files)]
+    except (CheckpointError, OSError):
+        return []
 
 
 def _load_rank(name: str) -> tuple[int, str]:
