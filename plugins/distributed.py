@@ -216,6 +216,13 @@ class Ranks:
         each machine (each has its own copy). The one place this rule is written."""
         return self.rank == 0 or (self.save_on_each_node and self.local_rank == 0)
 
+    def wait_limit(self) -> float:
+        """Seconds this rank may wait for work of its own (its writer) at a point where the other ranks may
+        already wait in a collective: a minute less than the process group's timeout (30 minutes unless the run
+        set another), so this rank gives up, says why, and joins them before their collective fails."""
+        timeout = self.collective.timeout() if self.collective is not None else timedelta(minutes=30)
+        return max(60.0, timeout.total_seconds() - 60.0)
+
     def max(self, vote: Sequence[int]) -> list[int]:
         """Element-wise maximum of ``vote`` over the ranks."""
         return self.collective(vote) if self.collective is not None else list(vote)

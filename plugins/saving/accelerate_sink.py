@@ -187,7 +187,7 @@ class AccelerateSink:
 
         def hold_step(*_: Any) -> None:
             """Optimizer step pre-hook: the state may change only once the writer copied it."""
-            waited = job.wait_copied()
+            waited = job.wait_copied(self.ranks.wait_limit())
             flight.stall += waited
             self.copy_wait_seconds += waited
 
@@ -211,7 +211,7 @@ class AccelerateSink:
         if flight is None:
             return None
         if wait:
-            flight.job.wait()
+            self._wait_for(flight)
         polled = time.perf_counter()
         ended = flight.job.done.is_set()
         running, stall_ms, write_ms = self.ranks.max(
@@ -227,6 +227,20 @@ class AccelerateSink:
             return self._fail(flight.save, str(failure).replace(": OSError: ", ": ", 1))
         flight.save.digests = flight.job.digests
         return self._commit(flight.save, stall_before=stall_ms / 1000, write_before=write_ms / 1000, since=polled)
+
+    def _wait_for(self, flight: _InFlight) -> None:
+        """Wait for this rank's writer, saying what for once a minute; at :meth:`Ranks.wait_limit` give it up
+        (the save then fails, agreed by every rank, instead of a collective timing out on the others)."""
+        job, step, limit = flight.job, flight.save.record.step, self.ranks.wait_limit()
+        started = time.monotonic()
+        while not job.wait(min(60.0, max(0.0, limit - (time.monotonic() - started)))):
+            waited = time.monotonic() - started
+            if waited >= limit:
+                job.give_up(f"{job.who} did not finish the save of step {step} within {limit:.0f} s; it was given up")
+                return
+            logger.warning(
+                "ckptbus: rank %d: waiting %.0f s so far for %s (step %d)", self.ranks.rank, waited, job.who, step
+            )
 
     def abandon(self) -> None:
         """Forget the save in flight without any collective (error paths): its staging is never committed (the

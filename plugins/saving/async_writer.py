@@ -311,15 +311,31 @@ class WriteJob:
     def start(self) -> None:
         self._thread.start()
 
-    def wait(self) -> None:
-        self.done.wait()
+    @property
+    def who(self) -> str:
+        """The writer, as messages name it."""
+        return f"the writer thread {self._thread.name}"
 
-    def wait_copied(self) -> float:
-        """Block until the deferred copies are made; return the seconds waited (training held)."""
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the writer to end, ``timeout`` seconds at most; whether it ended."""
+        return self.done.wait(timeout)
+
+    def give_up(self, why: str) -> None:
+        """End the job as failed with ``why`` without waiting for the thread (it cannot be stopped from outside;
+        it runs as a daemon, and whatever it still writes goes to a staging directory that is never committed)."""
+        if not self.done.is_set():
+            self.error = why
+            self.copied.set()
+            self.done.set()
+
+    def wait_copied(self, limit: float | None = None) -> float:
+        """Block until the deferred copies are made, ``limit`` seconds at most (then the job is given up: the save
+        fails rather than training waiting for ever); return the seconds waited (training held)."""
         if self.copied.is_set():
             return 0.0
         started = time.perf_counter()
-        self.copied.wait()
+        if not self.copied.wait(limit):
+            self.give_up(f"{self.who} did not copy the state within {limit:.0f} s; the save was given up")
         return time.perf_counter() - started
 
     def _run(self) -> None:
@@ -331,7 +347,8 @@ class WriteJob:
                 self.copied.set()
             self.write()
         except Exception as exc:
-            self.error = describe_write_error(exc, self.staging) or f"{type(exc).__name__}: {exc}"
+            if not self.done.is_set():  # (a job given up keeps the reason it was given up for)
+                self.error = describe_write_error(exc, self.staging) or f"{type(exc).__name__}: {exc}"
         finally:
             self.seconds = time.perf_counter() - started
             self.copied.set()
