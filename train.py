@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ckptbus import CheckpointConfig, CkptbusError, ConfigError, SetupError, load_config
+from ckptbus._names import METRICS_NAME
 
 # torch, transformers and accelerate take seconds to import. Each function that needs them imports them, and
 # main() calls none before the config is loaded and checked: a typo in the config is reported at once.
@@ -189,6 +191,32 @@ def check_engine(accelerator: Any) -> None:
             )
 
 
+def check_writable(output_dir: str) -> None:
+    """Refuse, before torch is imported, an ``output_dir`` this process cannot write: ckptbus's lock, checkpoints
+    and event log and this script's metrics all go there, and the run would otherwise train up to its first
+    write. Raises :class:`~ckptbus.SetupError` naming the directory (exit status 2). Creates ``output_dir`` (as
+    the run would) but writes nothing in it: every rank checks, and only the main process writes metrics."""
+    what = "the output directory"
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), output_dir)
+        metrics = os.path.join(output_dir, METRICS_NAME)
+        if os.path.lexists(metrics):
+            what = METRICS_NAME
+            os.close(os.open(metrics, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC))
+    except OSError as exc:
+        raise _not_writable(output_dir, what, exc) from None
+
+
+def _not_writable(output_dir: str, what: str, exc: OSError) -> SetupError:
+    return SetupError(
+        f"output_dir {os.path.abspath(output_dir)} is not writable by this run ({what}: {exc.strerror}): the run "
+        f"writes its checkpoints, lock, event log and {METRICS_NAME} there. Make it writable, or give another "
+        "output_dir (--output-dir DIR, or output_dir in the config)"
+    )
+
+
 def try_commands(ckpt_cfg: CheckpointConfig) -> str:
     """The commands that ask this run for a checkpoint, with absolute paths: they work from any directory."""
     out = os.path.abspath(ckpt_cfg.output_dir)
@@ -294,7 +322,7 @@ def run_loop(
     steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
     if steps_per_epoch < 1:
         raise SystemExit("train.py: dataset_size is too small for one optimizer step; raise dataset_size")
-    metrics_path = Path(ckpt.config.output_dir) / "metrics.jsonl"
+    metrics_path = Path(ckpt.config.output_dir) / METRICS_NAME
     # Log lines go through tqdm while its bar is drawn, so that no line lands in the middle of the bar.
     with logging_redirect_tqdm():
         progress = tqdm(
@@ -328,8 +356,11 @@ def run_loop(
                 mean_loss = accelerator.reduce(loss.detach(), "mean").item()
                 if accelerator.is_main_process:
                     record = {"step": step, "loss": mean_loss, "lr": lr, "time": time.time()}
-                    with open(metrics_path, "a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(record) + "\n")
+                    try:
+                        with open(metrics_path, "a", encoding="utf-8") as fh:
+                            fh.write(json.dumps(record) + "\n")
+                    except OSError as exc:  # made read-only (or full) since the start: one line, not a traceback
+                        raise _not_writable(ckpt.config.output_dir, METRICS_NAME, exc) from None
                     _draw(progress, mean_loss)
                 if ckpt.step(step) or step >= cfg.max_steps:
                     break
@@ -362,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ckpt_cfg, cfg = load(args)
     try:
+        check_writable(ckpt_cfg.output_dir)
         code = train(ckpt_cfg, cfg, show_commands=args.show_commands)
     except CkptbusError as exc:
         logger.error("%s", exc)

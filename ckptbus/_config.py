@@ -32,13 +32,17 @@ DEFAULT_TRIGGER_FILE = "axolotl_checkpoint.save"
 DEFAULT_CHECK_INTERVAL = 100
 
 
+OFF_CHOICES: tuple[str, ...] = ("off", "none")
+"""The values that turn a key off (``verify: off``, ``signals.sigusr1: none``). YAML's false (``off``, ``no``,
+``false`` unquoted) in a config file means that value, for every key that has one."""
+
 NULL_IS_DEFAULT = "ckptbus.null_is_default"
 """Field metadata: ``null`` for this key in a config file means the field's default."""
 
 
 def _check(ok: bool, key: str, value: object, allowed: str) -> None:
     if not ok:
-        raise ConfigError(f"config key '{key}': got {value!r}, expected {allowed}")
+        raise ConfigError(f"config key '{key}': got {_short(value)}, expected {allowed}")
 
 
 def _whole(value: object, minimum: int) -> bool:
@@ -356,7 +360,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 continue
         raise _type_error(key, value, tp)
     if origin is Literal:
-        if value in typing.get_args(tp):
+        choices = typing.get_args(tp)
+        if value is False:
+            # YAML 1.1 reads an unquoted off, no or false as false: where a key has a value that turns it off,
+            # that is the value meant (`verify: off`, `sigusr1: off`).
+            off = next((choice for choice in OFF_CHOICES if choice in choices), None)
+            if off is not None:
+                return off
+        if value in choices and not isinstance(value, bool):
             return value
         raise _type_error(key, value, tp)
     if origin is dict:
@@ -392,7 +403,22 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def _type_error(key: str, value: Any, tp: Any) -> ConfigError:
-    return ConfigError(f"config key '{key}': got {value!r} ({type(value).__name__}), expected {_type_name(tp)}")
+    hint = ""
+    if value is True and typing.get_origin(tp) is Literal:
+        # on, yes and true unquoted are YAML's true: say which word YAML changed, and what to write instead.
+        hint = " (YAML reads an unquoted on, yes or true as true: write one of these values, quoted if in doubt)"
+    return ConfigError(
+        f"config key '{key}': got {_short(value)} ({type(value).__name__}), expected {_type_name(tp)}{hint}"
+    )
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    """A bounded repr for messages: a deeply nested or very long value is not echoed back whole."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return "<a deeply nested value>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _unknown_key_error(key: str, known: Sequence[str], prefix: str, nested: Sequence[str] = ()) -> ConfigError:
@@ -423,7 +449,7 @@ def build_many(classes: Sequence[type], data: Mapping[str, Any], prefix: str = "
     """Split one flat mapping among several dataclasses, each taking the keys it declares."""
     if not isinstance(data, Mapping):
         raise ConfigError(
-            f"config{' ' + prefix.rstrip('.') if prefix else ''}: expected a mapping of keys, got {data!r}"
+            f"config{' ' + prefix.rstrip('.') if prefix else ''}: expected a mapping of keys, got {_short(data)}"
         )
     owners: dict[str, tuple[type, dataclasses.Field[Any], Any]] = {}
     for cls in classes:
@@ -504,7 +530,7 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     mapping is an error (:class:`ConfigError`) naming the key and both lines."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except FileNotFoundError:
         raise ConfigError(
             f"{p}: the config file does not exist; pass the path of a YAML file, e.g. configs/tiny.yaml"
@@ -512,11 +538,25 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"{p}: the config file cannot be read: {exc.strerror}") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{p}: the config file is not UTF-8 text (byte 0x{raw[exc.start]:02x} on line {line}, offset "
+            f"{exc.start}): save it as UTF-8"
+        ) from None
+    try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except ConfigError as exc:  # a duplicate key
         raise ConfigError(f"{p}: {exc}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    except RecursionError:
+        # The loader recurses once per level; Python's stack ends it before any config could need that depth.
+        raise ConfigError(
+            f"{p}: the config file nests too deeply for the YAML loader (brackets or indentation hundreds of "
+            "levels deep); a ckptbus config is at most three levels deep"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):

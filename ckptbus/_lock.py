@@ -22,6 +22,16 @@ time: it writes the holder line through the descriptor it locked, and
 Within one process, a second lock on the same directory is refused too
 (fcntl would grant it: the locks of one process never conflict).
 
+The lock file is written (truncated, then the holder line), so it must be
+the regular file ckptbus created there, and nothing that leads out of
+``output_dir``: it is opened without following a symbolic link
+(``O_NOFOLLOW``), without blocking on a FIFO (``O_NONBLOCK``), and refused,
+with a :class:`~ckptbus.SetupError` naming it and what to do, when it is a
+symbolic link, a directory, a FIFO, a socket or a device, or a regular file
+with another hard link (a link to a file elsewhere on the filesystem).
+Nothing is written before these checks pass. Reading the holder line (the
+CLI, a refused run) goes through the same checks and reads a bounded amount.
+
 Imports no torch: the CLI can name a directory's holder.
 """
 
@@ -34,6 +44,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import sys
 import threading
 import weakref
@@ -49,6 +60,10 @@ logger = logging.getLogger("ckptbus")
 
 _HELD_ELSEWHERE = (errno.EACCES, errno.EAGAIN)
 _NO_LOCKS_HERE = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+_OPEN_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+"""Never follow a link out of output_dir; never wait for a writer of a FIFO put there."""
+_MAX_HOLDER_BYTES = 64 * 1024
+"""A holder line is about 200 bytes; what is read of a lock file to name its holder."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +155,7 @@ def acquire(output_dir: str | os.PathLike[str]) -> OutputDirLock:
 
 def _take(directory: Path) -> OutputDirLock:
     path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = _open_lock_file(path, os.O_RDWR | os.O_CREAT)
     exclusive = True
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -195,10 +210,65 @@ def holder_of(output_dir: str | os.PathLike[str]) -> Holder | None:
 
 def _read_holder(path: Path) -> Holder | None:
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = _open_lock_file(path, os.O_RDONLY)
+    except (OSError, SetupError):
+        return None  # missing, unreadable, or not a lock file ckptbus wrote: nobody to name
+    try:
+        data = os.pread(fd, _MAX_HOLDER_BYTES, 0)
     except OSError:
         return None
-    return Holder.parse(text)
+    finally:
+        os.close(fd)
+    return Holder.parse(data.decode("utf-8", errors="replace"))
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    """A descriptor of the lock file at ``path``, opened with ``flags`` and checked to be a regular file with one
+    link. Raises :class:`~ckptbus.SetupError` naming the path for anything else there (OSError: could not open)."""
+    try:
+        fd = os.open(path, flags | _OPEN_FLAGS, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _not_a_lock_file(path, "a symbolic link") from None
+        if exc.errno == errno.EISDIR:
+            raise _not_a_lock_file(path, "a directory") from None
+        if exc.errno == errno.ENXIO:  # a FIFO without a reader, opened for writing without blocking
+            raise _not_a_lock_file(path, "a FIFO") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_a_lock_file(path, _kind_of(st.st_mode))
+        if st.st_nlink != 1:
+            raise _not_a_lock_file(path, f"a file with {st.st_nlink} hard links (it may be a file outside output_dir)")
+        # Regular files never block; reads and writes of the holder line are plain blocking I/O again.
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kind_of(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _not_a_lock_file(path: Path, what: str) -> SetupError:
+    return SetupError(
+        f"the lock file {path} is {what}, not the regular file ckptbus keeps there to allow one run per output_dir; "
+        "it is left as it is (ckptbus never writes through it, so nothing outside output_dir is touched). "
+        f"Remove it (rm -r {path}) if no run uses this output_dir, and start again: ckptbus creates a new one"
+    )
 
 
 __all__ = ["LOCK_NAME", "Holder", "OutputDirLock", "acquire", "holder_of"]

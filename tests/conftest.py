@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import slurm_cluster
 from leaks import Snapshot, kill, leftovers, mark_owned_processes
 from runs import TrainingRun
 
@@ -16,6 +18,32 @@ mark_owned_processes()
 # How long what a test started may take to go away after its teardown: a SIGKILLed rank of 2 GB takes a moment to
 # exit, more so on 2 cores shared with other runs. Only a test that leaks waits this long.
 LEAK_WAIT = 10.0
+
+
+FOREGROUND_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGQUIT)
+"""The signals the tests send and expect handled (ckptbus's, and torchrun's forwarding)."""
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _foreground_signals() -> Iterator[None]:
+    """Give the session the signal dispositions of a command started in a terminal's foreground, however pytest
+    was started, and so every process it launches (an ignored signal stays ignored across exec; a handler
+    becomes the default action).
+
+    Started from a background job (``make test &``), ``nohup`` or some CI runners, a process inherits SIGINT
+    (and SIGQUIT; SIGHUP with nohup) as ignored, and ckptbus leaves an ignored signal ignored, as Python and
+    the shells do (docs/signals.md): tests that send those signals would find nothing installed.
+    tests/test_signals.py checks that product behaviour itself, with the signal ignored on purpose, and runs
+    some of its tests under an inherited SIG_IGN to check this fixture.
+    """
+    previous = {signum: signal.getsignal(signum) for signum in FOREGROUND_SIGNALS}
+    for signum, handler in previous.items():
+        if handler == signal.SIG_IGN:
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+    yield
+    for signum, handler in previous.items():
+        if handler == signal.SIG_IGN:
+            signal.signal(signum, handler)
 
 
 @pytest.fixture(autouse=True)
@@ -59,3 +87,13 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., TrainingRun]]:
 @pytest.fixture(autouse=True)
 def _ckptbus_logs_propagate(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="ckptbus")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's own, which ends the workers (and so their leases)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Leave no SLURM daemon running that this session started (tests/test_slurm.py); a worker only gives up its
+    lease, the controller (or a session without workers) stops them once nobody uses them."""
+    if hasattr(session.config, "workerinput"):
+        slurm_cluster.release()
+    else:
+        slurm_cluster.stop_if_unused()

@@ -18,9 +18,15 @@ by parent (``proctrack/linuxproc``) and no task plugin; the node named
 ``RealMemory`` keeps the node down); ``SlurmUser=root``. Jobs oversubscribe
 the node's CPUs, so the cases of a test run can run side by side.
 
-The daemons stay up after the tests (another test run reuses them); ``down``
-stops them. slurmd runs with a raised nice value, so the jobs (which inherit
-it) give the CPU to the rest of the test suite first.
+Daemons that a test session started are stopped at the end of the session
+(:func:`stop_if_unused`, from tests/conftest.py's ``pytest_sessionfinish``)
+once no process uses them: every process that calls :func:`ensure` holds a
+shared ``flock`` on ``ROOT/users.lock`` until it ends (or :func:`release`),
+and the daemons are stopped only by whoever gets it exclusively, so test
+sessions side by side (and the workers of one) never lose the cluster under
+a running test. A cluster started with ``up`` is the user's: it stays up
+until ``down``. slurmd runs with a raised nice value, so the jobs (which
+inherit it) give the CPU to the rest of the test suite first.
 """
 
 from __future__ import annotations
@@ -91,13 +97,21 @@ def env() -> dict[str, str]:
     return {**os.environ, "SLURM_CONF": str(CONF)}
 
 
-def ensure() -> None:
-    """Have the cluster up, its node idle; install and start what is missing. Raises :class:`Unavailable`."""
+def ensure(*, by_tests: bool = True) -> None:
+    """Have the cluster up, its node idle; install and start what is missing. Raises :class:`Unavailable`.
+
+    This process holds a lease on the cluster from now until it ends or calls :func:`release`.
+    ``by_tests``: daemons started here are stopped at the end of the test session (:func:`stop_if_unused`);
+    False (``up``): they are the user's, and stay up.
+    """
     why = _cannot_run()
     if why:
         raise Unavailable(why)
     ROOT.mkdir(parents=True, exist_ok=True)
     with _locked(ROOT / ".lock"):  # test workers side by side set up one cluster
+        _take_lease()
+        if not by_tests:
+            _started_by_tests().unlink(missing_ok=True)  # the user's from now on, whoever started it
         _install()
         _start_munge()
         conf = _conf_text()
@@ -105,6 +119,66 @@ def ensure() -> None:
             return
         stop()
         _start_slurm(conf)
+        if by_tests:
+            _started_by_tests().write_text(f"{os.getpid()}\n")
+
+
+_lease: int | None = None
+"""This process's shared flock on ``ROOT/users.lock`` while it uses the cluster."""
+
+
+def _lease_path() -> Path:
+    return ROOT / "users.lock"
+
+
+def _started_by_tests() -> Path:
+    """Present while the running daemons were started by a test session (not by ``up``)."""
+    return ROOT / "started-by-tests"
+
+
+def _take_lease() -> None:
+    global _lease
+    if _lease is None:
+        fd = os.open(_lease_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # blocks only while stop_if_unused holds it, under ROOT/.lock
+        _lease = fd
+
+
+def release() -> None:
+    """This process no longer uses the cluster (its end does the same)."""
+    global _lease
+    fd, _lease = _lease, None
+    if fd is not None:
+        os.close(fd)
+
+
+def stop_if_unused(wait: float = 5.0) -> bool:
+    """End this process's use of the cluster; then, if a test session started the daemons and no process uses
+    them any more (waiting up to ``wait`` seconds for processes that are exiting), stop them. Returns whether
+    they were stopped. Another session still using them stops them at its own end."""
+    release()
+    marker = _started_by_tests()
+    if not marker.exists():
+        return False
+    with _locked(ROOT / ".lock"):
+        if not marker.exists():
+            return False
+        fd = os.open(_lease_path(), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            deadline = time.monotonic() + wait
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.1)
+            stop()
+            marker.unlink(missing_ok=True)
+            return True
+        finally:
+            os.close(fd)  # drops the exclusive lock
 
 
 def stop() -> None:
@@ -285,7 +359,7 @@ def _locked(path: Path) -> Iterator[None]:
 def main(argv: list[str]) -> int:
     if argv[1:] == ["up"]:
         try:
-            ensure()
+            ensure(by_tests=False)
         except Unavailable as exc:
             print(f"no SLURM cluster: {exc}", file=sys.stderr)
             return 1
@@ -293,6 +367,7 @@ def main(argv: list[str]) -> int:
         return 0
     if argv[1:] == ["down"]:
         stop()
+        _started_by_tests().unlink(missing_ok=True)
         return 0
     print(__doc__.split("\n\n")[1], file=sys.stderr)
     return 2

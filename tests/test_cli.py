@@ -124,10 +124,8 @@ def test_help_lists_the_commands() -> None:
 @pytest.mark.parametrize("command", ["request", "status", "list"])
 def test_help_stands_alone(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Every option says what it does, and the help points to nothing a pip user lacks (docs/ is not installed)."""
-    with pytest.raises(SystemExit) as exited:
-        main([command, "--help"])
+    assert main([command, "--help"]) == 0  # argparse's exit, turned into main's return (stdout flushed first)
     out = capsys.readouterr().out
-    assert exited.value.code == 0
     assert "exit codes" in out and "--json" in out and "docs/" not in out
     subparsers = next(a for a in get_parser()._actions if isinstance(a, argparse._SubParsersAction))
     for action in subparsers.choices[command]._actions:
@@ -554,11 +552,164 @@ def test_live_long_output_dir(tmp_path: Path) -> None:
 
 def test_benchmark_script_runs(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "cli_startup.py"), "--runs", "2", "--out", str(tmp_path / "r.json")],
+        # The benchmarks are a package run as modules, from the repository root.
+        [sys.executable, "-m", "benchmarks.cli_startup", "--runs", "2", "--out", str(tmp_path / "r.json")],
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=REPO,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["torch_loaded"] is False and result["median_seconds"]["import ckptbus.cli"] > 0
+
+
+# -- issue 24: config files YAML cannot read, --json whatever happens, closed stdout, the wrong run ------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"output_dir: out\nseed: \xff\n", "the config file is not UTF-8 text (byte 0xff on line 2, offset 22)"),
+        (("output_dir: " + "[" * 5000 + "]" * 5000 + "\n").encode(), "the config file nests too deeply"),
+    ],
+    ids=["encoding", "nesting"],
+)
+@pytest.mark.parametrize("command", ["request", "status", "list"])
+def test_a_config_yaml_cannot_read_is_a_usage_error_naming_the_file(
+    command: str, content: bytes, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_bytes(content)
+    code, out, err = cli(command, "--config", str(config), capsys=capsys)
+    assert (code, out) == (EXIT_USAGE, "")
+    assert err.startswith(f"ckptbus {command}: {config}: {expected}") and err.count("\n") == 1, err
+    code, out, err = cli(command, "--config", str(config), "--json", capsys=capsys)
+    reply = json.loads(out)  # exactly one object
+    assert (code, reply["ok"], reply["exit_code"], reply["error"]["code"]) == (EXIT_USAGE, False, EXIT_USAGE, "usage")
+    assert reply["error"]["message"].startswith(f"{config}: {expected}")
+
+
+def test_an_unexpected_error_still_prints_one_json_object(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in a command (here: one forced by patching, as no real input is known to cause one)."""
+    import ckptbus.commands.status as status_module
+
+    def broken(*_: Any, **__: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(status_module, "target_of", broken)
+    code, out, err = cli("status", "--output-dir", str(tmp_path), "--json", capsys=capsys)
+    reply = json.loads(out)
+    assert code == 1 and reply == {
+        "ok": False,
+        "exit_code": 1,
+        "error": {"code": "internal", "message": "unexpected error: RuntimeError: a bug"},
+    }
+    assert "Traceback" in err, "the traceback goes to stderr, for a bug report"
+    code, out, err = cli("status", "--output-dir", str(tmp_path), capsys=capsys)
+    assert (code, out) == (1, "") and err.rstrip().endswith("ckptbus: unexpected error: RuntimeError: a bug")
+
+
+def _with_closed_reader(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run the installed ckptbus with stdout a pipe whose reader is gone (``| head`` that ended first)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return subprocess.run([CKPTBUS, *argv], stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["status"], ["status", "--json"], ["list"], ["request", "--no-wait"], ["--help"], ["nope", "--json"]],
+    ids=["status", "status-json", "list", "request", "help", "usage-json"],
+)
+def test_a_closed_stdout_ends_quietly_with_141(server: Any, tmp_path: Path, argv: list[str]) -> None:
+    if argv[0] not in ("--help", "nope"):
+        argv = [*argv, "--output-dir", str(tmp_path)]
+    done = _with_closed_reader(argv)
+    # argparse's help swallows its own write errors: it ends quietly too, with its usual 0.
+    expected = 0 if argv == ["--help"] else 141
+    assert (done.returncode, done.stderr) == (expected, ""), done.stderr
+
+
+def test_status_piped_into_head_prints_no_traceback(server: Any, tmp_path: Path) -> None:
+    done = subprocess.run(
+        f"{CKPTBUS} status --output-dir {tmp_path} | head -2",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.splitlines()[0] == f"output_dir:       {tmp_path}"
+
+
+def test_a_stdout_closed_from_the_start_is_not_a_traceback(server: Any, tmp_path: Path) -> None:
+    done = subprocess.run(
+        [CKPTBUS, "status", "--output-dir", str(tmp_path), "--json"],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=60,
+        preexec_fn=lambda: os.close(1),  # what `ckptbus status >&-` starts with
+    )
+    assert (done.returncode, done.stderr) == (EXIT_OK, "")
+
+
+def _config_sharing_the_socket(directory: Path, output_dir: str, socket_path: Path) -> Path:
+    config = directory / f"{Path(output_dir).name}.yaml"
+    text = {"output_dir": output_dir, "dynamic_checkpoint": {"enabled": True, "socket": {"path": str(socket_path)}}}
+    config.write_text(yaml.safe_dump(text))
+    return config
+
+
+@pytest.mark.parametrize("command", ["request", "status"])
+def test_the_run_that_answers_a_shared_socket_path_must_be_the_one_named(
+    command: str, server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Runs A (output_dir tmp_path, serving) and B share socket.path: asking for B must not reach A."""
+    trigger, requests = server
+    other = tmp_path / "b"
+    other.mkdir()
+    config_b = _config_sharing_the_socket(tmp_path, str(other), trigger.path)
+    code, out, err = cli(command, "--config", str(config_b), capsys=capsys)
+    assert (code, out) == (EXIT_UNREACHABLE, ""), err
+    assert err.startswith(
+        f"ckptbus {command}: the run at {trigger.path} serves output_dir {tmp_path.resolve()} (pid {os.getpid()}), "
+        f"not {other}: two runs' configs share dynamic_checkpoint.socket.path"
+    ), err
+    assert "Give each run its own socket.path" in err
+    code, out, _ = cli(command, "--config", str(config_b), "--json", capsys=capsys)
+    reply = json.loads(out)
+    assert (code, reply["exit_code"], reply["error"]["code"]) == (EXIT_UNREACHABLE, EXIT_UNREACHABLE, "wrong_run")
+    assert requests == [], "run A was never asked for a checkpoint"
+    # The run named by its own config (or by --socket, which names no output_dir) is served.
+    config_a = _config_sharing_the_socket(other, str(tmp_path), trigger.path)
+    if command == "status":
+        assert cli(command, "--config", str(config_a), capsys=capsys)[0] == EXIT_OK
+        assert cli(command, "--socket", str(trigger.path), capsys=capsys)[0] == EXIT_OK
+    else:
+        answering = answer_when_asked(trigger, requests, "completed")
+        code, out, err = cli(command, "--config", str(config_a), capsys=capsys)
+        answering.join()
+        assert (code, out) == (EXIT_OK, "/x/checkpoint-42\n"), err
+
+
+def test_a_relative_output_dir_not_found_here_is_matched_by_its_end(
+    server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative output_dir is relative to where the run started: from elsewhere, the run's must end with it."""
+    trigger, _ = server
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    same = _config_sharing_the_socket(elsewhere, tmp_path.name, trigger.path)
+    assert cli("status", "--config", str(same), capsys=capsys)[0] == EXIT_OK
+    (elsewhere / "x").mkdir()
+    other = _config_sharing_the_socket(elsewhere, "x", trigger.path)
+    assert cli("status", "--config", str(other), capsys=capsys)[0] == EXIT_UNREACHABLE
+    missing = _config_sharing_the_socket(elsewhere, "runs/b", trigger.path)
+    assert cli("status", "--config", str(missing), capsys=capsys)[0] == EXIT_UNREACHABLE

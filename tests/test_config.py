@@ -456,3 +456,107 @@ def test_async_save_is_off_by_default_and_must_be_a_bool(tmp_path: Path) -> None
     assert loaded.dynamic_checkpoint.async_save is True
     with pytest.raises(ConfigError, match=re.escape("'dynamic_checkpoint.async_save': got 'yes'")):
         DynamicCheckpointConfig(async_save="yes")  # type: ignore[arg-type]
+
+
+# -- what YAML makes of a word, and files YAML cannot read (issue 24) -------------------------------
+
+
+@pytest.mark.parametrize("word", ["off", "Off", "OFF", "no", "false"])
+def test_an_unquoted_off_is_the_off_value_of_every_key_that_has_one(tmp_path: Path, word: str) -> None:
+    """YAML 1.1 reads off, no and false unquoted as false: a key with an off value takes it as that value."""
+    text = (
+        "output_dir: out\n"
+        "dynamic_checkpoint:\n"
+        f"  verify: {word}\n"
+        f"  on_launcher_exit: {word}\n"
+        f"  signals:\n    sigint: {word}\n    sigusr1: {word}\n"
+    )
+    (cfg,) = load_config(write(tmp_path, text))
+    dyn = cfg.dynamic_checkpoint
+    assert (dyn.verify, dyn.on_launcher_exit, dyn.signals.sigint, dyn.signals.sigusr1) == (
+        "off",
+        "none",
+        "none",
+        "none",
+    )
+    (quoted,) = load_config(write(tmp_path, "output_dir: out\ndynamic_checkpoint:\n  verify: 'off'\n"))
+    assert quoted.dynamic_checkpoint.verify == "off"
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "expected"),
+    [
+        ("verify: on", "verify", "'full' or 'sizes' or 'off'"),
+        ("verify: yes", "verify", "'full' or 'sizes' or 'off'"),
+        ("on_launcher_exit: true", "on_launcher_exit", "'full' or 'weights' or 'none'"),
+        ("on_save_failure: off", "on_save_failure", "'continue' or 'stop'"),  # no off value: false is refused
+        ("async_writer: no", "async_writer", "'thread' or 'process'"),
+    ],
+)
+def test_yaml_true_and_false_where_they_name_no_value_are_refused(
+    tmp_path: Path, body: str, key: str, expected: str
+) -> None:
+    message = config_error(tmp_path, f"output_dir: out\ndynamic_checkpoint:\n  {body}\n")
+    got = "True" if body.split(": ")[1] in ("on", "yes", "true") else "False"
+    assert message.startswith(f"config key 'dynamic_checkpoint.{key}': got {got} (bool), expected {expected}"), message
+    if got == "True":
+        assert "YAML reads an unquoted on, yes or true as true" in message
+
+
+def test_a_config_file_that_is_not_utf8_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("output_dir: out\n# café\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"{path}: the config file is not UTF-8 text (byte 0xe9 on line 2, offset 21): save it as UTF-8"
+    )
+    utf16 = tmp_path / "utf16.yaml"
+    utf16.write_text("output_dir: out\n", encoding="utf-16")
+    with pytest.raises(ConfigError, match=r"utf16.yaml: the config file is not UTF-8 text \(byte 0xff on line 1"):
+        load_config(utf16)
+
+
+NESTING = "the config file nests too deeply for the YAML loader"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "output_dir: " + "[" * 5000 + "]" * 5000 + "\n",
+        "output_dir: out\nx:\n" + "".join(" " * (i + 1) + f"k{i}:\n" for i in range(3000)),
+    ],
+    ids=["flow", "block"],
+)
+def test_a_deeply_nested_config_file_is_a_config_error_naming_the_file(tmp_path: Path, text: str) -> None:
+    message = config_error(tmp_path, text)
+    assert message.startswith(NESTING) and "\n" not in message
+
+
+def test_a_long_or_nested_value_is_not_echoed_whole(tmp_path: Path) -> None:
+    message = config_error(tmp_path, "output_dir: " + "[" * 60 + "]" * 60 + "\n")
+    assert message.startswith("config key 'output_dir': got [[[[") and message.count("[") < 300, message
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"output_dir: out\nseed: \xff\n", "the config file is not UTF-8 text (byte 0xff on line 2, offset 22)"),
+        (("output_dir: " + "[" * 5000 + "]" * 5000 + "\n").encode(), NESTING),
+    ],
+    ids=["encoding", "nesting"],
+)
+def test_train_py_reports_encoding_and_nesting_in_one_line(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", str(path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"train.py: {path}: {expected}"), proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -190,3 +190,96 @@ def test_a_second_training_run_on_a_live_output_dir_is_refused_and_the_first_goe
     )
     assert third.wait_exit(timeout=180) == 0, third.log_tail()
     wait_for(lambda: (first.output_dir / LOCK_NAME).read_text() == "", "the lock file blanked at exit", 10)
+
+
+# -- what stands at ckptbus.lock: only a regular file of its own is written (issue 24) -------------
+
+
+def _symlink_to_outside(directory: Path, outside: Path) -> None:
+    (directory / LOCK_NAME).symlink_to(outside)
+
+
+def _dangling_symlink(directory: Path, outside: Path) -> None:
+    (directory / LOCK_NAME).symlink_to(outside.with_name("missing"))
+
+
+def _directory(directory: Path, outside: Path) -> None:
+    (directory / LOCK_NAME).mkdir()
+
+
+def _fifo(directory: Path, outside: Path) -> None:
+    os.mkfifo(directory / LOCK_NAME)
+
+
+def _hard_link_to_outside(directory: Path, outside: Path) -> None:
+    os.link(outside, directory / LOCK_NAME)
+
+
+@pytest.mark.parametrize(
+    ("make", "what"),
+    [
+        (_symlink_to_outside, "a symbolic link"),
+        (_dangling_symlink, "a symbolic link"),
+        (_directory, "a directory"),
+        (_fifo, "a FIFO"),
+        (_hard_link_to_outside, "a file with 2 hard links (it may be a file outside output_dir)"),
+    ],
+    ids=["symlink", "dangling-symlink", "directory", "fifo", "hard-link"],
+)
+def test_a_lock_path_that_is_not_a_regular_file_is_refused_and_nothing_outside_is_written(
+    tmp_path: Path, make: Callable[[Path, Path], None], what: str
+) -> None:
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me\n")
+    make(output_dir, outside)
+    path = output_dir / LOCK_NAME
+    with pytest.raises(SetupError) as refused:
+        acquire(output_dir)
+    message = str(refused.value)
+    assert message.startswith(f"the lock file {path} is {what}, not the regular file ckptbus keeps there"), message
+    assert f"Remove it (rm -r {path}) if no run uses this output_dir, and start again" in message
+    assert outside.read_text() == "keep me\n", "nothing outside output_dir was truncated or written"
+    assert holder_of(output_dir) is None, "naming the holder reads nothing through it either (and does not block)"
+    # Nothing was left held: once the path is cleared, the directory can be locked.
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+    else:
+        path.unlink()
+    acquire(output_dir).release()
+    assert outside.read_text() == "keep me\n"
+
+
+def test_the_runtime_refuses_a_lock_path_that_is_a_directory(tmp_path: Path) -> None:
+    """Before, a directory there was a warning and both runs trained at once in one output_dir."""
+    from ckptbus.plugins.distributed import Ranks
+    from ckptbus.plugins.runtime import Runtime
+    from ckptbus.plugins.saving.trainer_sink import TrainerSink
+
+    (tmp_path / LOCK_NAME).mkdir()
+    runtime = Runtime(CheckpointConfig(output_dir=str(tmp_path)), TrainerSink())
+    with pytest.raises(SetupError, match="is a directory, not the regular file ckptbus keeps there"):
+        runtime.start(Ranks())
+
+
+@pytest.mark.slow
+def test_train_py_exits_2_naming_a_lock_path_that_is_a_symlink(tmp_path: Path) -> None:
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me\n")
+    (output_dir / LOCK_NAME).symlink_to(outside)
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {output_dir}\nmax_steps: 2\n", encoding="utf-8")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"the lock file {output_dir / LOCK_NAME} is a symbolic link" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert outside.read_text() == "keep me\n"

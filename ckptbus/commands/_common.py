@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -31,6 +32,9 @@ EXIT_TIMEOUT: Final = 5
 """``--timeout`` passed before the answer came (the request stays queued in the run)."""
 EXIT_INTERRUPTED: Final = 130
 """Ctrl+C while waiting (the request stays queued in the run)."""
+EXIT_STDOUT_CLOSED: Final = 141
+"""stdout was closed by its reader (``ckptbus status | head -2``): 128 + SIGPIPE, what a shell reports for a
+command that SIGPIPE ended, as ``git log | head`` or ``yes | head``. Nothing is printed."""
 
 # Error codes of the protocol, as exit codes of the CLI.
 EXIT_FOR_ERROR_CODE: Final = {
@@ -132,7 +136,10 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
 def read_config(path: str) -> CheckpointConfig:
     """The ckptbus keys of a training config; keys of the training script itself are ignored."""
     try:
-        data = read_yaml(path)
+        data = read_yaml(path)  # its errors name the file
+    except ConfigError as exc:
+        raise CommandError(EXIT_USAGE, "usage", str(exc)) from None
+    try:
         names = {f.name for f in dataclasses.fields(CheckpointConfig)}
         return build(CheckpointConfig, {k: v for k, v in data.items() if k in names})
     except ConfigError as exc:
@@ -189,6 +196,9 @@ class Target:
     socket: Path
     output_dir: str | None
     """The run's output_dir as the user named it (``--output-dir`` or the config); None with ``--socket``."""
+    socket_configured: bool = False
+    """The socket path is the config's ``dynamic_checkpoint.socket.path``, not found from ``output_dir``: another
+    run may serve it (two configs with one socket.path), so the run that answers is checked (:func:`check_run`)."""
 
 
 def target_of(args: argparse.Namespace) -> Target:
@@ -206,7 +216,51 @@ def target_of(args: argparse.Namespace) -> Target:
     configured = config.dynamic_checkpoint.socket.path if config is not None else None
     # A configured socket path does not depend on output_dir: only then may the folder be missing here.
     check_output_dir(output_dir, must_exist=configured is None)
-    return Target(client_socket_path(output_dir=output_dir, configured=configured), output_dir)
+    socket = client_socket_path(output_dir=output_dir, configured=configured)
+    return Target(socket, output_dir, socket_configured=configured is not None)
+
+
+EXIT_WRONG_RUN: Final = EXIT_UNREACHABLE
+"""The run that answers at the socket has another output_dir: the run asked for is not reachable there."""
+
+
+def check_run(target: Target, status: object) -> None:
+    """Refuse (:class:`CommandError`, exit 3, code ``wrong_run``) when the run that answered at a configured socket
+    path serves another output_dir than the one named: two runs' configs share ``socket.path``, the first run
+    took the socket, and the second trains on without one.
+
+    ``status``: the ``status`` object of the run's status reply (its ``output_dir`` is absolute, symlinks
+    resolved). A socket found from output_dir itself (``DIR/ckptbus.sock``, or the pointer file in DIR) is bound
+    by the run that holds DIR's lock only, so it is not checked; nor is a run that does not say.
+    """
+    if not target.socket_configured or target.output_dir is None or not isinstance(status, dict):
+        return
+    served = status.get("output_dir")
+    if not isinstance(served, str) or not served:
+        return
+    if _same_directory(target.output_dir, served):
+        return
+    raise CommandError(
+        EXIT_WRONG_RUN,
+        "wrong_run",
+        f"the run at {target.socket} serves output_dir {served} (pid {status.get('pid', '?')}), "
+        f"not {target.output_dir}: two runs' configs share dynamic_checkpoint.socket.path, and the run of this "
+        "config has no socket (its log says why). Give each run its own socket.path. (If both name one directory "
+        "through different mounts, --socket PATH skips this check.)",
+    )
+
+
+def _same_directory(named: str, served: str) -> bool:
+    """Whether ``named`` (as the user gave it, relative to here or to where the run started) is ``served`` (the
+    run's absolute, resolved output_dir)."""
+    with contextlib.suppress(OSError):
+        return os.path.samefile(named, served)
+    if os.path.isabs(named) or os.path.exists(named):
+        return os.path.realpath(named) == os.path.normpath(served)
+    # Relative and not found here: relative to the folder the run was started in, which this process does not
+    # know. The run's output_dir must end with it.
+    parts = Path(os.path.normpath(named)).parts
+    return ".." not in parts and Path(served).parts[-len(parts) :] == parts
 
 
 def socket_of(args: argparse.Namespace) -> Path:
@@ -226,8 +280,25 @@ def in_output_dir(path: str, output_dir: str | os.PathLike[str]) -> str:
     return str(Path(output_dir) / Path(path).name)
 
 
+_emitted = False
+
+
 def emit_json(data: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Print ``data`` as the command's one JSON object (see :func:`json_emitted`)."""
+    global _emitted
+    _emitted = True
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    if sys.stdout is not None:  # None: the process started with stdout closed
+        sys.stdout.write(text)
+
+
+def json_emitted(reset: bool = False) -> bool:
+    """Whether :func:`emit_json` printed an object since the last reset (the CLI prints exactly one)."""
+    global _emitted
+    emitted = _emitted
+    if reset:
+        _emitted = False
+    return emitted
 
 
 def fail(args: argparse.Namespace, error: CommandError) -> int:

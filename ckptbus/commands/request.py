@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from typing import Any
 
 from .._client import ClientError, ConnectionLost, NotReachable, TimedOut, call
@@ -29,6 +30,7 @@ from ._common import (
     Target,
     add_json_argument,
     add_target_arguments,
+    check_run,
     command_parser,
     emit_json,
     fail,
@@ -53,8 +55,13 @@ output:
   "step", "kind", "labels", "bytes", "seconds", ...} ("state": "queued" with
   --no-wait); "path" is absolute
 
-exit codes: 0 ok, 1 error, 2 usage, 3 run not reachable, 4 save failed
-(or the run ended first), 5 timed out, 130 interrupted"""
+With --config naming a dynamic_checkpoint.socket.path, the run that answers
+there must serve the config's output_dir; another run's answer is refused
+(exit 3, wrong_run) before any checkpoint is asked for.
+
+exit codes: 0 ok, 1 error, 2 usage, 3 run not reachable (or another run
+answers), 4 save failed (or the run ended first), 5 timed out, 130
+interrupted"""
 
 
 def request_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
@@ -103,10 +110,15 @@ def request_command(args: argparse.Namespace) -> int:
     if timeout is not None and timeout <= 0:
         return fail(args, CommandError(EXIT_USAGE, "usage", f"--timeout must be above 0, got {timeout}"))
     request_id: str | None = None
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         target = target_of(args)
         path = target.socket
-        for reply in call(path, request, timeout=timeout):
+        if target.socket_configured:
+            # Before asking for a save: the run that answers must be the one named (else it would save, for
+            # a request meant for another run).
+            check_run(target, _status_of(target, _left(deadline, STATUS_TIMEOUT)))
+        for reply in call(path, request, timeout=_left(deadline, None)):
             if not reply["ok"]:
                 return _answer_error(args, reply)
             if reply.get("state") == "queued":
@@ -157,6 +169,31 @@ def _absolute(path: str, target: Target) -> str:
         return in_output_dir(path, run_dir)
     print(f"ckptbus request: the run gave a path relative to the folder it was started in: {path}", file=sys.stderr)
     return path
+
+
+STATUS_TIMEOUT = 10.0
+"""Seconds the run has to answer the status request that identifies it, when no --timeout bounds it."""
+
+
+def _left(deadline: float | None, default: float | None) -> float | None:
+    if deadline is None:
+        return default
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimedOut("the deadline passed")
+    return left
+
+
+def _status_of(target: Target, timeout: float | None) -> object:
+    """The run's status object (raises what :func:`call` raises; an error reply is a :class:`CommandError`)."""
+    replies = list(call(target.socket, StatusRequest(), timeout=timeout))
+    if not replies:
+        raise ConnectionLost(f"{target.socket} closed the connection without a reply")
+    reply = replies[0]
+    if not reply["ok"]:
+        code = str(reply["error"]["code"])
+        raise CommandError(EXIT_FOR_ERROR_CODE.get(code, EXIT_ERROR), code, str(reply["error"]["message"]))
+    return reply.get("status")
 
 
 def _run_output_dir(target: Target) -> str | None:

@@ -19,11 +19,12 @@ from ._common import (
     CommandError,
     add_json_argument,
     add_target_arguments,
+    check_run,
     command_parser,
     emit_json,
     fail,
     in_output_dir,
-    socket_of,
+    target_of,
 )
 from ._grace_period import save_timings, timing_rows
 
@@ -41,8 +42,9 @@ EPILOG = """\
 "output_dir", "pid", "socket", "socket_requests", "saves": {"full",
 "weights", "grace_period_seconds", ...}, ...}}; paths are absolute
 
-exit codes: 0 ok, 1 error, 2 usage, 3 run not reachable, 5 timed out,
-130 interrupted"""
+exit codes: 0 ok, 1 error, 2 usage, 3 run not reachable (or, with --config
+naming a socket.path, another run answers there), 5 timed out, 130
+interrupted"""
 
 
 def status_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
@@ -66,7 +68,10 @@ def status_command(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         return fail(args, CommandError(EXIT_USAGE, "usage", f"--timeout must be above 0, got {args.timeout}"))
     try:
-        replies = list(call(socket_of(args), StatusRequest(), timeout=args.timeout))
+        target = target_of(args)
+        replies = list(call(target.socket, StatusRequest(), timeout=args.timeout))
+        if replies and replies[0]["ok"]:
+            check_run(target, replies[0].get("status"))
     except CommandError as exc:
         return fail(args, exc)
     except TimedOut as exc:
