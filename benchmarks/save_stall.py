@@ -97,9 +97,7 @@ ARMS = (
     "dd",
     "dd 2 streams",
 )
-REQUIRED = (
-    *(f"median_seconds_after_round_0.{arm}" for arm in ARMS),
-    "checkpoint_bytes",
+SUMMARY = (
     "async_stall_over_save_state",
     "async_stall_max_over_ranks_over_save_state",
     "async_manifest_stall_over_save_state",
@@ -113,6 +111,9 @@ REQUIRED = (
     "digests_read_back_cost_over_sync",
     "dd_2_streams_over_1",
 )
+"""The ratios the run prints at the end (and docs/performance.md quotes)."""
+
+REQUIRED = (*(f"median_seconds_after_round_0.{arm}" for arm in ARMS), "checkpoint_bytes", *SUMMARY)
 SYNC_VARIANTS = {
     # arm: (torch_save_crc32, parallel writers, how digests are taken)
     "ckptbus sync crc32": (True, True, "written"),
@@ -420,21 +421,7 @@ def main() -> None:
             },
         }
         plot_save_stall(result, write_result(args.out, result, REQUIRED).with_suffix(".png"))
-        keys = (
-            "median_seconds_after_round_0",
-            "async_stall_over_save_state",
-            "async_stall_max_over_ranks_over_save_state",
-            "async_manifest_stall_over_save_state",
-            "async_extra_wall_over_save_state",
-            "async_process_stall_max_over_ranks_over_save_state",
-            "async_process_extra_wall_over_save_state",
-            "sync_throughput_over_dd",
-            "sync_crc32_throughput_over_dd",
-            "sync_n_writers_over_1_writer",
-            "digests_cost_over_sync",
-            "digests_read_back_cost_over_sync",
-            "dd_2_streams_over_1",
-        )
+        keys = ("median_seconds_after_round_0", *SUMMARY)
         print(json.dumps({k: result[k] for k in keys}, indent=2))
         shutil.rmtree(root, ignore_errors=True)
     prepared.clear()  # the DDP model before the process group: see release()

@@ -34,7 +34,7 @@ import pytest
 from runs import TrainingRun
 
 from ckptbus import checkpoint_path, latest_full, list_checkpoints, read_checkpoint
-from ckptbus._layout import STAGING_PREFIX, commit, prepare_staging
+from ckptbus._layout import STAGING_PREFIX
 from testkit.procs import limit_file_size
 
 pytestmark = pytest.mark.slow
@@ -154,38 +154,35 @@ def immutable(path: Path) -> Iterator[None]:
 
 
 @pytest.mark.parametrize("on_failure", ["continue", "stop"])
-def test_read_only_output_dir(launch: Launch, tmp_path: Path, on_failure: str) -> None:
-    """Scheduled saves into a directory where nothing can be created: agreed failure, then continue or stop."""
+def test_an_output_dir_that_turns_read_only_mid_run(launch: Launch, tmp_path: Path, on_failure: str) -> None:
+    """The output_dir turns read-only while the run trains (a disk remounted read-only after errors): the save fails,
+    agreed by every rank; training goes on, or stops with ``on_save_failure: stop``. (An output_dir nothing can be
+    written to from the start is refused before training: tests/test_output_dir_writable.py.)"""
     out = tmp_path / "out"
-    staging = prepare_staging(out, 1)  # an earlier complete checkpoint, which must survive
-    (staging / "model.safetensors").write_bytes(b"weights")
-    commit(staging, checkpoint_path(out, 1), {"step": 1, "kind": "full", "reason": "schedule", "world_size": 2})
-    for name in ("metrics.jsonl", "ckptbus-events.jsonl"):  # appending to files that exist still works
-        (out / name).touch()
-    config = {
-        "output_dir": str(out),
-        "max_steps": 12,
-        "save_steps": 5,
-        "save_total_limit": 1,
-        "dynamic_checkpoint": {"enabled": False, "on_save_failure": on_failure},
-    }
-    with immutable(out):
-        run = launch(processes=2, config=config)
-        code = run.wait_exit()
-    failures = [e for e in outcome_events(run) if e["event"] == "SaveFailed"]
-    assert failures, run.log_tail()
-    assert all("creating the staging directory failed on rank 0" in e["error"] for e in failures), failures
-    assert "Operation not permitted" in failures[0]["error"]
-    assert_only(out, [1])
-    if on_failure == "continue":
-        assert code == 0, run.log_tail()
-        assert [e["step"] for e in failures] == [5, 10]
-        assert run.last_step() == 12
-    else:
-        assert code == 1, run.log_tail()
-        assert [e["step"] for e in failures] == [5]
-        assert run.last_step() == 5
-        assert "training stopped at step 5 because the checkpoint could not be saved" in run.log()
+    trigger = tmp_path / "now.save"  # outside output_dir: nothing can be created inside it once it is immutable
+    dynamic = {"check_interval": 2, "on_save_failure": on_failure, "trigger_file_path": str(trigger)}
+    run = launch(processes=2, config={**SMALL, "output_dir": str(out), "dynamic_checkpoint": dynamic})
+
+    def save_now() -> dict[str, Any]:
+        seen = len(outcome_events(run))
+        trigger.touch()
+        return dict(run.wait_for(lambda: outcome_events(run)[seen:][:1], "the outcome of the save", 120.0)[0])
+
+    run.wait_for_step(2)
+    first = save_now()
+    assert first["event"] == "SaveCompleted", first
+    with immutable(out):  # appending to metrics and the event log still works; creating an entry does not
+        failed = save_now()
+        assert failed["event"] == "SaveFailed", failed
+        assert "creating the staging directory failed on rank 0" in failed["error"], failed
+        assert "Operation not permitted" in failed["error"]
+        if on_failure == "continue":
+            assert run.wait_for_step(failed["step"] + 4), "training goes on after a failed save"
+        else:
+            assert run.wait_exit() == 1, run.log_tail()
+            assert run.last_step() == failed["step"]
+            assert f"training stopped at step {failed['step']} because the checkpoint could not be saved" in run.log()
+    assert_only(out, [first["step"]])
 
 
 def staged_file(out: Path, name: str | None) -> Callable[[], bool]:
