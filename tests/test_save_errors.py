@@ -41,9 +41,18 @@ def test_torch_save_on_a_full_disk_is_named_no_space_left(full_disk: Path) -> No
     assert "No space" not in str(raised.value), "torch hides the errno: the case this helper is for"
     message = describe_write_error(raised.value, path, needed=4 << 20)
     assert message is not None
-    assert message.startswith(f"No space left on device writing {path} (")
-    assert "free on its filesystem, the save needed 4.2 MB (4194304 bytes)" in message
+    assert message.startswith(f"No space left on device writing {path} (filesystem {full_disk} (tmpfs), ")
+    assert "free now, the save needed 4.2 MB (4194304 bytes)" in message
     assert "save_total_limit" in message and str(raised.value) in message
+
+
+def test_the_free_space_when_the_save_began_is_named_as_such(full_disk: Path) -> None:
+    with pytest.raises(OSError) as raised, open(full_disk / "optimizer.bin", "wb") as fh:
+        fh.write(b"\0" * (2 << 20))
+    message = describe_write_error(raised.value, full_disk / "optimizer.bin", free_before=1 << 20)
+    assert message is not None
+    assert "1.0 MB (1048576 bytes) free when the save began, " in message, message
+    assert "free now" in message
 
 
 def test_safetensors_and_plain_writes_on_a_full_disk(full_disk: Path) -> None:

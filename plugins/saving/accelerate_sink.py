@@ -52,7 +52,7 @@ from ckptbus._sink import NotWritten, Outcome, SaveMode, SaveRecord, Written
 
 from ..distributed import Ranks, StageFailed
 from .async_writer import HostSnapshot, WriteJob, async_unsupported, plan_writers
-from .errors import describe_write_error
+from .errors import describe_write_error, free_bytes
 from .torch_save_crc import torch_save_crc32
 from .weights import save_weights
 from .writer_process import ProcessWriteJob
@@ -312,6 +312,7 @@ class AccelerateSink:
         """Write this rank's part of the save (its digests into ``save``); return when writing started."""
         started = time.perf_counter()
         staging = save.commit.directory
+        free_before = free_bytes(staging)  # (after a failure the failed writes have filled the disk: say both)
         try:
             if save.record.kind == "full" and writes is not None:
                 snapshot = self._snapshot.take(self.accelerator, writes=writes, copy=False)
@@ -331,11 +332,18 @@ class AccelerateSink:
             else:
                 save_weights(self.accelerator, self.model(), staging, is_committer=self.ranks.committer)
         except Exception as exc:  # a full disk or a quota is said as such (plugins/saving/errors.py)
-            room = describe_write_error(exc, staging)
+            room = describe_write_error(exc, staging, self._bytes_of(writes), free_before=free_before)
             if room is None:
                 raise
             raise OSError(room) from exc
         return started
+
+    def _bytes_of(self, writes: set[str] | None) -> int | None:
+        """About how many bytes this rank's shared files of a full save hold (None where ckptbus does not know)."""
+        if writes is None:
+            return None
+        sizes = HostSnapshot.shared_sizes(self.accelerator)
+        return sum(size for name, size in sizes.items() if name in writes) or None
 
     def _writes(self) -> set[str] | None:
         """Collective: the files of a full save this rank writes, or None where ckptbus does not write them itself.

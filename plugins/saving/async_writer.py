@@ -49,7 +49,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from .errors import describe_write_error
+from .errors import describe_write_error, free_bytes
 from .file_writer import DigestingFile, save
 from .torch_save_crc import torch_save_crc32
 
@@ -298,6 +298,8 @@ class WriteJob:
         self.torch_save_crc32 = torch_save_crc32
         self.error: str | None = None
         self.seconds = 0.0
+        self.free_before = free_bytes(staging)
+        """Bytes free on the staging filesystem when the save began (a full disk's message says it)."""
         self.digests: dict[str, str] = {}
         """The digest of each file written so far (file name -> ``xxh3_128:...``)."""
         self.hash_wait_seconds = 0.0
@@ -348,7 +350,8 @@ class WriteJob:
             self.write()
         except Exception as exc:
             if not self.done.is_set():  # (a job given up keeps the reason it was given up for)
-                self.error = describe_write_error(exc, self.staging) or f"{type(exc).__name__}: {exc}"
+                room = describe_write_error(exc, self.staging, free_before=self.free_before)
+                self.error = room or f"{type(exc).__name__}: {exc}"
         finally:
             self.seconds = time.perf_counter() - started
             self.copied.set()

@@ -30,21 +30,29 @@ _LOW_SPACE = 1 << 20
 """Below this many bytes free, a write that failed without an errno is taken for a full disk."""
 
 
-def describe_write_error(exc: BaseException, path: str | os.PathLike[str], needed: int | None = None) -> str | None:
+def describe_write_error(
+    exc: BaseException,
+    path: str | os.PathLike[str],
+    needed: int | None = None,
+    *,
+    free_before: int | None = None,
+) -> str | None:
     """A message naming a full disk, a quota or a file-size limit behind ``exc`` (raised writing ``path``), or None.
 
-    ``needed``: bytes the save was writing, if known (it goes into the
-    message). None means ``exc`` is not about room: report it as it is.
-    Reads the free space of ``path``'s filesystem (its nearest existing
-    folder: the staging folder may be gone already) and this process's file
-    size limit; never raises.
+    The message names the filesystem (its mount point and type) and, as the
+    bytes free after the failure say little (the failed writes filled the
+    disk), ``free_before``: the bytes free when the save began, if known.
+    ``needed``: bytes the save was writing, if known. None means ``exc`` is
+    not about room: report it as it is. Reads the free space of ``path``'s
+    filesystem (its nearest existing folder: the staging folder may be gone
+    already), the mount table and this process's file size limit; never raises.
     """
     code = _errno_of(exc)
     if code is None and _TORCH_WRITE_FAILED.search(str(exc)):
         code = _guess_errno(Path(path), needed)
     if code not in _SPACE:
         return None
-    return _describe(code, Path(path), needed, exc)
+    return _describe(code, Path(path), needed, exc, free_before)
 
 
 def _errno_of(exc: BaseException) -> int | None:
@@ -70,14 +78,18 @@ def _guess_errno(path: Path, needed: int | None) -> int | None:
     return None
 
 
-def _describe(code: int, path: Path, needed: int | None, exc: BaseException) -> str:
+def _describe(code: int, path: Path, needed: int | None, exc: BaseException, free_before: int | None) -> str:
     what = {
         errno.ENOSPC: "No space left on device",
         errno.EDQUOT: "Disk quota exceeded",
         errno.EFBIG: "File too large",
     }[code]
     free = free_bytes(path)
-    facts = [f"{_human(free)} free on its filesystem" if free is not None else "free space unknown"]
+    mount = mount_of(path)
+    facts = [f"filesystem {mount[0]} ({mount[1]})" if mount is not None else "filesystem unknown"]
+    if free_before is not None:
+        facts.append(f"{_human(free_before)} free when the save began")
+    facts.append(f"{_human(free)} free now" if free is not None else "free space unknown")
     if needed is not None:
         facts.append(f"the save needed {_human(needed)}")
     if code == errno.EFBIG:
@@ -105,6 +117,31 @@ def free_bytes(path: str | os.PathLike[str]) -> int | None:
     return None
 
 
+def mount_of(path: str | os.PathLike[str]) -> tuple[str, str] | None:
+    """(mount point, filesystem type) of ``path`` (or its nearest existing folder), from /proc/self/mounts; None
+    where that cannot be read."""
+    probe = Path(path)
+    existing = next((p for p in (probe, *probe.parents) if p.exists()), None)
+    if existing is None:
+        return None
+    target = os.path.realpath(existing)
+    best: tuple[str, str] | None = None
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                # The mount table escapes spaces and the like as octal (\040).
+                point = fields[1].encode().decode("unicode_escape")
+                inside = target == point or target.startswith(point.rstrip("/") + "/")
+                if inside and (best is None or len(point) >= len(best[0])):
+                    best = (point, fields[2])
+    except OSError:
+        return None
+    return best
+
+
 def _size(path: Path) -> int:
     try:
         return path.stat().st_size
@@ -119,4 +156,4 @@ def _human(n: int) -> str:
     return f"{n} bytes"
 
 
-__all__ = ["describe_write_error", "free_bytes"]
+__all__ = ["describe_write_error", "free_bytes", "mount_of"]

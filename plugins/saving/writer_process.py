@@ -182,7 +182,8 @@ def _child_run(writer: WriteJob, pipe: int) -> None:
         writer.write()
         report = {"digests": writer.digests}
     except BaseException as exc:
-        report = {"error": describe_write_error(exc, writer.staging) or f"{type(exc).__name__}: {exc}"}
+        room = describe_write_error(exc, writer.staging, free_before=writer.free_before)
+        report = {"error": room or f"{type(exc).__name__}: {exc}"}
         code = 1
     try:
         data = json.dumps(report).encode()
