@@ -28,6 +28,10 @@ DATA = {"dataset_size": 64, "micro_batch_size": 4, "sequence_len": 16, "max_step
 
 Nodes = Callable[..., list[TrainingRun]]
 
+STARTUP = 300.0
+"""Seconds two launchers of two ranks each may take to reach step 2: four processes importing torch on two busy
+cores took more than the default 120 s once in a full suite run (38 s alone)."""
+
 
 @pytest.fixture
 def nodes(tmp_path: Path) -> Iterator[Nodes]:
@@ -84,7 +88,7 @@ def test_shared_output_dir(nodes: Nodes, tmp_path: Path) -> None:
     first = nodes([out, out], config)
     main = first[0]
     assert len(main.wait_for_ranks(1)) == 1 and len(first[1].wait_for_ranks(1)) == 1, "one rank per machine"
-    main.wait_for_step(2)
+    main.wait_for_step(2, timeout=STARTUP)
     (out / "axolotl_checkpoint.save").touch()
     finish(first)
     [ckpt] = list_checkpoints(out)
@@ -106,7 +110,7 @@ def test_output_dir_per_node_with_save_on_each_node(nodes: Nodes, tmp_path: Path
     outs = [tmp_path / "node0", tmp_path / "node1"]
     config = {**DATA, "save_on_each_node": True, "dynamic_checkpoint": {"check_interval": 3}}
     first = nodes(outs, config)
-    first[0].wait_for_step(2)
+    first[0].wait_for_step(2, timeout=STARTUP)
     (outs[0] / "axolotl_checkpoint.save").touch()  # with the main process: node 0's directory
     finish(first)
     steps = [[c.step for c in list_checkpoints(out)] for out in outs]
