@@ -77,4 +77,6 @@ def test_smoke(name: str, tmp_path: Path) -> None:
     assert problems(result, []) == []
     if name in PLOTS:
         assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if name == "cli_startup":  # what the benchmark is for: the CLI starts without torch
+        assert result["torch_loaded"] is False and result["median_seconds"]["import ckptbus.cli"] > 0
     assert snapshot(RESULTS) == published, "a smoke run wrote into benchmarks/results/"

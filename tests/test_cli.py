@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 from ckptbus.plugins.sources.unix_socket import UnixSocketTrigger
-from runs import BIN, REPO, TrainingRun
+from runs import BIN, TrainingRun
 
 from ckptbus import Bus, SaveCompleted, SaveFailed, SaveRequested, list_checkpoints, read_checkpoint
 from ckptbus._layout import rotation_victims
@@ -548,20 +548,6 @@ def test_live_long_output_dir(tmp_path: Path) -> None:
         assert not sock.exists() and not (output_dir / POINTER_NAME).exists()
     finally:
         run.kill()
-
-
-def test_benchmark_script_runs(tmp_path: Path) -> None:
-    out = subprocess.run(
-        # The benchmarks are a package run as modules, from the repository root.
-        [sys.executable, "-m", "benchmarks.cli_startup", "--runs", "2", "--out", str(tmp_path / "r.json")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert out.returncode == 0, out.stderr
-    result = json.loads((tmp_path / "r.json").read_text())
-    assert result["torch_loaded"] is False and result["median_seconds"]["import ckptbus.cli"] > 0
 
 
 # -- issue 24: config files YAML cannot read, --json whatever happens, closed stdout, the wrong run ------
