@@ -161,7 +161,7 @@ def open_listed(root_fd: int, name: str, size: int) -> tuple[int, Problem | None
             except FileNotFoundError:
                 return -1, _missing(name, size)
             except OSError as exc:
-                return -1, Problem(name, expected, exc.strerror or str(exc), f"{name} cannot be read: {exc.strerror}")
+                return -1, _unreadable(name, expected, exc)
             if kind != "folder":
                 return -1, Problem(
                     name, expected, kind, f"{name}: {where} is a {kind}, not a folder inside the checkpoint"
@@ -169,20 +169,20 @@ def open_listed(root_fd: int, name: str, size: int) -> tuple[int, Problem | None
             try:
                 parent = os.open(folder, _DIR_FLAGS, dir_fd=parent)
             except OSError as exc:
-                return -1, Problem(name, expected, exc.strerror or str(exc), f"{name} cannot be read: {exc.strerror}")
+                return -1, _unreadable(name, expected, exc)
             opened.append(parent)
         try:
             kind = describe(os.stat(leaf, dir_fd=parent, follow_symlinks=False).st_mode)
         except FileNotFoundError:
             return -1, _missing(name, size)
         except OSError as exc:
-            return -1, Problem(name, expected, exc.strerror or str(exc), f"{name} cannot be read: {exc.strerror}")
+            return -1, _unreadable(name, expected, exc)
         if kind != "regular file":
             return -1, _not_regular(name, expected, kind)
         try:
             fd = os.open(leaf, _FILE_FLAGS, dir_fd=parent)
         except OSError as exc:  # replaced between the lstat and the open (ELOOP: now a link)
-            return -1, Problem(name, expected, exc.strerror or str(exc), f"{name} cannot be read: {exc.strerror}")
+            return -1, _unreadable(name, expected, exc)
     finally:
         for fd_ in opened:
             os.close(fd_)
@@ -305,3 +305,8 @@ __all__ = [
     "unlisted_entries",
     "unlisted_problem",
 ]
+
+
+def _unreadable(name: str, expected: str, exc: OSError) -> Problem:
+    """The problem of a listed entry the system would not stat or open (the reason in the system's words)."""
+    return Problem(name, expected, exc.strerror or str(exc), f"{name} cannot be read: {exc.strerror}")

@@ -184,10 +184,11 @@ class AccelerateSink:
             snapshot, save.commit.directory, torch_save_crc32=self.torch_save_crc32, digest=self.digests == "written"
         )
         flight = _InFlight(save, job, stall=0.0)
+        limit = self.ranks.wait_limit()  # read once: the hook runs at every optimizer step of the save
 
         def hold_step(*_: Any) -> None:
             """Optimizer step pre-hook: the state may change only once the writer copied it."""
-            waited = job.wait_copied(self.ranks.wait_limit())
+            waited = job.wait_copied(limit)
             flight.stall += waited
             self.copy_wait_seconds += waited
 
