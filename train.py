@@ -24,6 +24,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# Imported first: it notes this process's parent, its launcher, before anything slow runs (see docs/schedulers.md).
+from ckptbus.plugins.integrations.startup_checks import check_resume_target, exit_if_launcher_gone, refuse
+
 from ckptbus import CheckpointConfig, CkptbusError, ConfigError, SetupError, load_config
 from ckptbus._names import METRICS_NAME
 
@@ -160,8 +163,7 @@ def load(args: argparse.Namespace) -> tuple[CheckpointConfig, TrainConfig]:
         if args.max_steps is not None:
             train_cfg = dataclasses.replace(train_cfg, max_steps=args.max_steps)
     except ConfigError as exc:
-        print(f"train.py: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        refuse("train.py", exc)  # once per machine, not once per rank
     return ckpt_cfg, train_cfg
 
 
@@ -197,6 +199,12 @@ def check_writable(output_dir: str) -> None:
     write. Raises :class:`~ckptbus.SetupError` naming the directory (exit status 2). Creates ``output_dir`` (as
     the run would) but writes nothing in it: every rank checks, and only the main process writes metrics."""
     what = "the output directory"
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise SetupError(
+            f"output_dir {os.path.abspath(output_dir)} is a file, not a directory: the run writes its checkpoints, "
+            f"lock, event log and {METRICS_NAME} in a directory there. Give another output_dir (--output-dir DIR, "
+            "or output_dir in the config), or move the file away"
+        )
     try:
         os.makedirs(output_dir, exist_ok=True)
         if not os.access(output_dir, os.W_OK | os.X_OK):
@@ -243,6 +251,7 @@ def train(ckpt_cfg: CheckpointConfig, cfg: TrainConfig, *, show_commands: bool =
     from torch.utils.data import DataLoader
     from transformers import get_linear_schedule_with_warmup
 
+    exit_if_launcher_gone()  # again, after the seconds torch took: an orphan must not join a process group
     # Without cpu=True, `accelerate launch --multi_gpu` on a machine with no GPU
     # gives every rank an Accelerator that believes it is alone.
     accelerator = Accelerator(
@@ -385,6 +394,7 @@ def _draw(progress: Any, loss: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    exit_if_launcher_gone()  # started by a launcher that is gone already: save nothing, say so, exit
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     # accelerate logs every file it writes at INFO, and warns on every save that
     # GPT-2's tied lm_head is stored once (expected, and restored on load).
@@ -392,8 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
     args = parse_args(argv)
     ckpt_cfg, cfg = load(args)
+    # Start-up mistakes before torch and the model: one line per machine, exit 2, nothing written.
     try:
+        check_resume_target(ckpt_cfg)
         check_writable(ckpt_cfg.output_dir)
+    except CkptbusError as exc:
+        refuse("train.py", exc)
+    try:
         code = train(ckpt_cfg, cfg, show_commands=args.show_commands)
     except CkptbusError as exc:
         logger.error("%s", exc)

@@ -7,9 +7,30 @@ When the launcher dies without shutting them down (SIGKILL, a crash,
 out-of-memory kill), nobody stops the ranks: they are adopted by init and go
 on training outside the job, and nothing saves what they learned.
 
-At every optimizer-step boundary :meth:`LauncherWatch.poll` compares
-``os.getppid()`` with the parent seen at :meth:`LauncherWatch.start`. Once it
-changed, it publishes one ``SaveRequested(kind, reason="launcher",
+**Who the launcher is.** torch's elastic agent (``torchrun``, ``accelerate
+launch``) starts every rank as its own child and exports no pid of its own
+(torch 2.13 sets ``TORCHELASTIC_RUN_ID``, ``TORCHELASTIC_RESTART_COUNT``,
+``TORCHELASTIC_USE_AGENT_STORE``, ``TORCHELASTIC_ERROR_FILE`` and the ranks'
+numbers, nothing naming the agent). So the launcher is the parent this
+process had when this module was first imported (:func:`launcher_pid`,
+read at import: ``train.py`` imports it before torch, a fraction of a second
+after the launcher started the rank), not whoever is the parent when the
+run's checkpointing starts, which may be init after the launcher died while
+the ranks loaded the model. A parent that is PID 1 at import is taken as
+the launcher only when it is a Python program (``accelerate launch`` or
+``torchrun`` made PID 1 of a container with ``exec``): init, ``tini`` or the
+like adopted a rank whose launcher was already gone.
+
+**Gone before the run started.** :func:`exit_if_launcher_gone` (``train.py``
+calls it before torch is imported and again before the process group is
+joined, and :meth:`LauncherWatch.start` calls it) ends a rank whose launcher
+is already gone with one line and status 1, having saved nothing: an orphan
+must not join a process group (its launcher's port may by now belong to
+another run, whose ranks it would meet there) nor take the output_dir's lock.
+
+**Gone during the run.** At every optimizer-step boundary
+:meth:`LauncherWatch.poll` compares ``os.getppid()`` with the launcher.
+Once it changed, it publishes one ``SaveRequested(kind, reason="launcher",
 exit_after=True)`` and logs one warning. With signals on (the default) the
 ranks vote at every step, so every rank saves the same step within a step or
 two of the first rank that noticed, and stops; with signals off they vote
@@ -36,6 +57,7 @@ die a moment after the launcher); output that has a reader keeps it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -57,10 +79,100 @@ LAUNCHER_ENV: Final = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")
 
 _STDIO: Final = (1, 2)
 
+_launcher_pid = os.getppid()
+"""This process's parent when this module was first imported (or when this process was forked from one that had
+imported it): its launcher, if a launcher started it. Read it with :func:`launcher_pid`."""
+
+
+def _note_parent_after_fork() -> None:
+    global _launcher_pid
+    _launcher_pid = os.getppid()  # the process that forked this one: the child inherited the parent's value
+
+
+os.register_at_fork(after_in_child=_note_parent_after_fork)
+
+
+def launcher_pid() -> int:
+    """The pid of this process's launcher, as seen when this module was first imported in this process."""
+    return _launcher_pid
+
+
+_LAUNCHER_PROGRAMS: Final = ("python", "torchrun", "accelerate", "deepspeed")
+"""How the first words of a launcher's command line begin (its interpreter, or its script run directly)."""
+
 
 def launched(run: RunInfo, environ: Mapping[str, str] = os.environ) -> bool:
     """Whether a launcher started this rank: the run has several ranks, or a known launcher's variable is set."""
-    return run.world_size > 1 or any(name in environ for name in LAUNCHER_ENV)
+    return run.world_size > 1 or launched_by_environment(environ)
+
+
+def launched_by_environment(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether the environment says a launcher started this process (before any process group exists)."""
+    try:
+        several = int(environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        several = False
+    return several or any(name in environ for name in LAUNCHER_ENV)
+
+
+def launcher_gone(launcher: int | None = None) -> str | None:
+    """Why this process's ``launcher`` is gone (one clause), or None while it is its parent.
+
+    Gone: the parent changed since ``launcher`` was seen, or ``launcher`` is
+    PID 1 and not a Python program (init adopted this process before
+    ckptbus was imported). A PID 1 that cannot be read counts as a launcher:
+    a run is not ended on a guess.
+    """
+    if launcher is None:
+        launcher = _launcher_pid
+    parent = os.getppid()
+    if parent != launcher:
+        return f"the launcher of this rank (pid {launcher}) is gone (the parent is now pid {parent})"
+    if launcher == 1 and not _runs_python(1):
+        return f"this rank's parent is pid 1 ({_program(1)}), not a launcher: its launcher was gone already"
+    return None
+
+
+def exit_if_launcher_gone(environ: Mapping[str, str] = os.environ, *, world_size: int = 1) -> None:
+    """End this process, with one line on standard error and status 1, if a launcher started it and is gone.
+
+    Call it before joining a process group: an orphan must save nothing and
+    meet nobody. Does nothing for a process no launcher started
+    (``python train.py``), whose parent may come and go.
+    """
+    if not (world_size > 1 or launched_by_environment(environ)):
+        return
+    why = launcher_gone()
+    if why is None:
+        return
+    rank = environ.get("RANK", "?")
+    message = f"ckptbus: {why} before training started; rank {rank} saves nothing and exits (status 1)\n"
+    with contextlib.suppress(OSError):
+        os.write(2, message.encode())
+    # No unwinding: whatever this process holds (a half-made process group, a lock) ends with it, and no
+    # collective or teardown can wait for peers that will never come.
+    os._exit(1)
+
+
+def _command(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return [word.decode(errors="replace") for word in fh.read().split(b"\0") if word]
+    except OSError:
+        return []
+
+
+def _program(pid: int) -> str:
+    words = _command(pid)
+    return os.path.basename(words[0]) if words else "unknown"
+
+
+def _runs_python(pid: int) -> bool:
+    """Whether ``pid`` runs a Python launcher (True when its command line cannot be read)."""
+    words = _command(pid)
+    if not words:
+        return True
+    return any(os.path.basename(word).startswith(_LAUNCHER_PROGRAMS) for word in words[:2])
 
 
 class LauncherWatch:
@@ -104,7 +216,8 @@ class LauncherWatch:
         if not launched(run):
             logger.debug("ckptbus: no launcher started this process; its parent (pid %d) is not watched", os.getppid())
             return
-        self._parent = os.getppid()
+        exit_if_launcher_gone(world_size=run.world_size)  # gone while the ranks loaded the model: no save
+        self._parent = _launcher_pid
         for name in ("save_requested", "save_started"):
             self._subscriptions.enter_context(bus.subscribe(name, self._note_stop))
         for name in ("save_completed", "save_failed"):
