@@ -275,11 +275,52 @@ class DynamicCheckpointConfig:
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
+class RemoteConfig:
+    """The ``remote`` block: how checkpoints are copied to ``remote_dir`` (object storage). See docs/remote.md."""
+
+    keep: int | None = None
+    """Keep at most this many complete checkpoints in ``remote_dir``; older ones are deleted there once a newer one is
+    complete there (the newest full one never). Null: keep every one."""
+
+    exit_deadline_seconds: float = 120.0
+    """At the end of the run (a stop, Ctrl+C, SIGTERM, a crash save), how long the main process waits for uploads
+    still running before it exits; size it to fit the scheduler's grace period after the save itself."""
+
+    parallelism: int = 8
+    """Files, and parts of large files, transferred at once (uploads and downloads)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.keep is None or _whole(self.keep, 1),
+            "remote.keep",
+            self.keep,
+            "a whole number >= 1, or leave it unset to keep every checkpoint in remote_dir",
+        )
+        seconds = self.exit_deadline_seconds
+        _check(
+            isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and 0 <= seconds <= 86400,
+            "remote.exit_deadline_seconds",
+            seconds,
+            "a number of seconds from 0 to 86400",
+        )
+        _check(
+            _whole(self.parallelism, 1) and self.parallelism <= 64, "remote.parallelism", self.parallelism, "1 to 64"
+        )
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
 class CheckpointConfig:
     """The checkpoint keys of a run (top level of the YAML file)."""
 
     output_dir: str
     """Where checkpoints, metrics, the event log and the trigger file live."""
+
+    remote_dir: str | None = None
+    """An object-storage URL (``s3://bucket/prefix``): every committed checkpoint is uploaded there in the background
+    after its local commit, and ``resume_from_checkpoint: latest`` looks there too. See docs/remote.md."""
+
+    remote: RemoteConfig = dataclasses.field(default_factory=RemoteConfig, metadata={NULL_IS_DEFAULT: True})
+    """How checkpoints go to ``remote_dir``: see :class:`RemoteConfig`."""
 
     save_steps: int | None = None
     """Save a full checkpoint every this many optimizer steps (unset: no scheduled saves)."""
@@ -310,6 +351,10 @@ class CheckpointConfig:
             self.output_dir,
             "a directory path",
         )
+        if self.remote_dir is not None:
+            from ._remote_url import parse_remote
+
+            parse_remote(self.remote_dir)  # raises ConfigError naming remote_dir
         _check(
             self.save_steps is None or _whole(self.save_steps, 1),
             "save_steps",
