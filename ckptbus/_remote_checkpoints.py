@@ -31,7 +31,7 @@ from ._errors import CheckpointError
 from ._fsync import fsync_path, fsync_tree
 from ._layout import CheckpointInfo, checkpoint_path, prepare_staging, read_checkpoint
 from ._manifest import Manifest
-from ._names import MANIFEST_NAME, TRASH_PREFIX
+from ._names import MANIFEST_NAME
 from ._object_store import ObjectStore, ObjectStoreError, Progress
 from ._remote_url import RemoteDir, step_of_folder
 
@@ -237,7 +237,7 @@ def download_checkpoint(
     """Download ``checkpoint`` into ``<output_dir>/checkpoint-<step>``: files in parallel into a staging directory,
     each checked against the manifest's size and digest as it arrives, then the manifest (its exact bytes), fsync,
     and one rename: a half download is never a complete local checkpoint. A local entry of that name that is not a
-    complete checkpoint is moved aside (kept). Raises :class:`CheckpointError` naming the object for a missing or
+    checkpoint is moved aside (kept). Raises :class:`CheckpointError` naming the object for a missing or
     damaged one (the staging directory is removed), :class:`ObjectStoreError` for a failed request."""
     manifest = checkpoint.manifest
     remote, step = checkpoint.remote, checkpoint.step
@@ -276,17 +276,10 @@ def download_checkpoint(
         raise
     final = checkpoint_path(output_dir, step)
     if final.exists() or final.is_symlink():
+        # Whatever is there did not pass (resume came here instead): kept aside, never deleted.
         aside = final.parent / f"{final.name}.orphaned-{time.time_ns()}"
-        try:
-            read_checkpoint(final)
-            aside = final.parent / f"{TRASH_PREFIX}{final.name}-{time.time_ns()}"
-        except CheckpointError:
-            logger.warning(
-                "ckptbus: %s exists but is not a complete checkpoint; moved it to %s and kept it", final, aside
-            )
+        logger.warning("ckptbus: %s is replaced by %s; moved it to %s and kept it", final, checkpoint.url, aside)
         os.rename(final, aside)
-        if aside.name.startswith(TRASH_PREFIX):
-            shutil.rmtree(aside, ignore_errors=True)
     os.rename(staging, final)
     fsync_path(final.parent, directory=True)
     return read_checkpoint(final)

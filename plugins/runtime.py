@@ -46,6 +46,7 @@ from ckptbus import (
     CheckpointConfig,
     CheckpointError,
     EventLog,
+    RankFailure,
     SaveCompleted,
     SaveFailed,
     SaveKind,
@@ -58,16 +59,20 @@ from ckptbus._layout import CheckpointInfo, checkpoint_path, read_checkpoint, ro
 from ckptbus._lock import OutputDirLock, acquire
 from ckptbus._logging import set_up as set_up_logging
 from ckptbus._names import EVENT_LOG_NAME
+from ckptbus._remote_url import is_remote
 from ckptbus._resume import LATEST, LATEST_OR_FRESH, Resolution, resolve
 from ckptbus._sink import Outcome, SaveMode, SaveRecord, Sink, Written, check_sink
 from ckptbus._source import RegisteredSource, RunInfo, close_all, register_source
 
 from .distributed import Ranks, check_output_dir_layout, open_votes
-from .shared_votes import SharedVotes
+from .rank_mirror import RankMirror
+from .rescue import Rescued, rescue
+from .shared_votes import SharedVotes, SharedVotesError
 from .sources.file import FileTrigger
 from .sources.launcher import LauncherWatch
 from .sources.signals import SignalTrigger
 from .sources.unix_socket import UnixSocketTrigger
+from .tiers import RemoteTier
 
 logger = logging.getLogger("ckptbus")
 
@@ -139,8 +144,12 @@ class Runtime:
         self._saved: dict[int, SaveCompleted] = {}
         self._in_flight: _InFlight | None = None
         self._votes: SharedVotes | None = None
+        self._mirror: RankMirror | None = None
+        self._start_step = 0
         self._event_log: EventLog | None = None
         self._output_dir_lock: OutputDirLock | None = None
+        self.tier: RemoteTier | None = None
+        """The uploads to ``remote_dir`` (plugins/tiers/), on the main process of a run that has one."""
 
     @property
     def output_dir(self) -> Path:
@@ -168,7 +177,7 @@ class Runtime:
         """
         self.ranks = ranks
         set_up_logging(ranks.local_rank)
-        self.last_step = step
+        self.last_step = self._start_step = step
         self.stopped = False
         self._stop_signum = 0
         self._stop_unfinished = False
@@ -192,8 +201,11 @@ class Runtime:
                 "the same sources=... on every rank; a source that should act on one rank only can check run.rank "
                 "in start()"
             )
+        self._start_tier()
         if ranks.collective is not None:
             self._votes, votes = open_votes(ranks.rank, ranks.collective, self.coordinator.vote_length)
+            # What the ranks still alive need of a rank that dies (plugins/rank_mirror.py): one machine only.
+            self._mirror = RankMirror.on(self._votes) if self._votes is not None else None
             self.coordinator.exchange = votes
             # Pipelined: a vote started at one step is read at the next, while it computes (Coordinator docs).
             self.coordinator.start_exchange = votes.start
@@ -241,6 +253,36 @@ class Runtime:
             self._output_dir_lock.release()
             self._output_dir_lock = None
 
+    def _start_tier(self) -> None:
+        """Collective with ``remote_dir``: the main process probes the bucket and starts the uploads
+        (plugins/tiers/uploader.py); a refusal there is a :class:`~ckptbus.SetupError` on every rank."""
+        if self.config.remote_dir is None:
+            return
+        refusal: str | None = None
+        if self.ranks.is_main:
+            tier = RemoteTier(self.config.remote_dir, self.config.remote)
+            try:
+                tier.start()
+                self.tier = tier
+            except SetupError as exc:
+                refusal = str(exc)
+        refusal = self.ranks.first_refusal(refusal)
+        if refusal is not None:
+            self._release_output_dir()
+            raise SetupError(refusal)
+
+    def _finish_uploads(self, *, collective: bool = False) -> None:
+        """The main process waits for its uploads (``remote.exit_deadline_seconds``) and logs the last line; with
+        ``collective`` (from :meth:`close`) the other ranks wait for it, so none exits (and has the launcher stop
+        the main process) before the last checkpoint is in the bucket."""
+        tier, self.tier = self.tier, None
+        if tier is not None:
+            line = tier.drain()
+            if line:
+                (logger.info if line.startswith("ckptbus: checkpoints safe") else logger.error)("%s", line)
+        if collective and self.config.remote_dir is not None:
+            self.ranks.max([0])
+
     # -- the step protocol ----------------------------------------------------
 
     def step_boundary(self, step: int, *, force: bool = False, framework_saves: bool = False) -> bool:
@@ -252,8 +294,24 @@ class Runtime:
         ``framework_saves``: the framework writes a checkpoint of this step
         on its own schedule (the Trainer's ``save_strategy``); it is recorded
         like a scheduled ckptbus save, merged with any request.
+
+        If anything here raises (a rank died, so the vote found it gone; a
+        collective failed), the ranks still alive save what ``on_error``
+        asks (:meth:`fail`) before the exception goes on; a rank found gone
+        raises :class:`~ckptbus.RankFailure`, whose message says what was saved.
         """
+        try:
+            return self._step_boundary(step, force=force, framework_saves=framework_saves)
+        except Exception as exc:
+            line = self.fail(exc)
+            if isinstance(exc, SharedVotesError) and line is not None:
+                raise RankFailure(line) from exc
+            raise
+
+    def _step_boundary(self, step: int, *, force: bool, framework_saves: bool) -> bool:
         self.last_step = step
+        if self._mirror is not None and self.config.dynamic_checkpoint.on_error != "none":
+            self._mirror.record(step, self.sink.rank_state())  # tens of microseconds: see benchmarks/overhead.py
         for source in self.sources:
             source.poll(step)
         flight = self._in_flight
@@ -349,6 +407,8 @@ class Runtime:
         committer's figures (as in its manifest) travel to every rank in one collective."""
         seconds = time.perf_counter() - flight.started
         if self.ranks.committer:
+            if self.tier is not None:
+                self.tier.submit(read_checkpoint(written.path))  # uploaded in the background, after the commit
             self._rotate(written.path)
         nbytes, stall_ms, write_ms = self.ranks.max(
             [written.bytes, round(written.stall_seconds * 1000), round(written.write_seconds * 1000)]
@@ -379,7 +439,9 @@ class Runtime:
         if limit is None:
             return
         try:
-            for path in rotate(self.output_dir, limit, on_demand=self.config.rotate_on_demand, keep=(final,)):
+            # A checkpoint whose upload is not complete stays on disk (its upload reads it).
+            keep = (final, *(self.tier.unfinished() if self.tier is not None else ()))
+            for path in rotate(self.output_dir, limit, on_demand=self.config.rotate_on_demand, keep=keep):
                 logger.info("ckptbus: save_total_limit=%d: deleted %s", limit, path)
         except OSError as exc:
             logger.warning("ckptbus: rotation failed (%s); older checkpoints are kept", exc)
@@ -423,6 +485,8 @@ class Runtime:
             # machine), a collective (between machines, or CKPTBUS_VOTES=collective), or not at all (one process).
             "votes_every_step": self.coordinator.every_step,
             "votes": "shared_memory" if self._votes is not None else votes,
+            # The upload backlog to remote_dir (queued, in flight, failed) and the last upload's throughput.
+            "uploads": self.tier.status() if self.tier is not None else None,
         }
 
     def request(self, kind: SaveKind = "full", *, label: str | None = None, exit_after: bool = False) -> str:
@@ -494,7 +558,9 @@ class Runtime:
     def _resolve(self, target: str) -> Resolution:
         """Choose and verify (ckptbus/_resume.py), and log what the user must know about the choice."""
         mode = self.config.dynamic_checkpoint.verify
-        resolution = resolve(target, self.output_dir, mode)
+        resolution = resolve(
+            target, self.output_dir, mode, remote=self.config.remote_dir, parallelism=self.config.remote.parallelism
+        )
         for line in (*resolution.skipped, *resolution.notes):
             logger.warning("ckptbus: resume_from_checkpoint=%s: %s", target, line)
         report = resolution.report
@@ -512,7 +578,9 @@ class Runtime:
 
     def _agreed_checkpoint(self, target: str, step: int) -> CheckpointInfo:
         """On a rank that did not choose: the checkpoint its filesystem's main rank chose (sizes checked here)."""
-        path = checkpoint_path(self.output_dir, step) if target in (LATEST, LATEST_OR_FRESH) else target
+        # latest, and a checkpoint in a bucket, are in output_dir by now (downloaded there by the main rank).
+        here = target in (LATEST, LATEST_OR_FRESH) or is_remote(target)
+        path = checkpoint_path(self.output_dir, step) if here else target
         info = read_checkpoint(path)
         if info.step != step:
             raise CheckpointError(f"{info.path} holds step {info.step}, the ranks agreed on step {step}")
@@ -564,6 +632,7 @@ class Runtime:
                                 error="training ended before the framework could save", **planned[0].event_fields()
                             )
                         )
+            self._finish_uploads(collective=True)
         finally:
             self.abort("training ended")
 
@@ -593,7 +662,71 @@ class Runtime:
         if self._event_log is not None:
             self._event_log.detach()
             self._event_log = None
+        self._finish_uploads()  # the last checkpoint's upload, within its deadline (no collective here)
         self._release_output_dir()  # last: the next run may start once everything here is closed
+
+    def fail(self, error: BaseException) -> str | None:
+        """Training raised ``error`` on this rank (an adapter's error path), or a step boundary did: the ranks
+        still alive save the last step boundary as ``on_error`` asks, on their own (plugins/rescue.py), then
+        :meth:`abort`. No collective. Returns the line that says who failed and what was saved (logged once), or
+        None (not running, or not an ``Exception``: a ``KeyboardInterrupt`` or ``SystemExit`` asks to leave now).
+        Safe to call twice."""
+        if not self.running:
+            self._release_output_dir()
+            return None
+        line = self._rescue(error) if isinstance(error, Exception) else None
+        self.abort(f"training stopped with {type(error).__name__}")
+        return line
+
+    def _rescue(self, error: Exception) -> str:
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None:  # never committed: its staging stays invisible (the rescue may reuse its name)
+            self.sink.abandon()
+            self.bus.publish(
+                SaveFailed(error="a rank failed before this checkpoint was committed", **flight.decision.event_fields())
+            )
+        on_error = self.config.dynamic_checkpoint.on_error
+        rescued = rescue(
+            self._mirror,
+            self.sink,
+            output_dir=self.output_dir,
+            step=self.last_step,
+            start_step=self._start_step,
+            kind=None if on_error == "none" else on_error,
+            error=error,
+        )
+        self._publish_rescue(rescued)
+        if rescued.speaker:
+            logger.error("ckptbus: %s", rescued.line)
+        return rescued.line
+
+    def _publish_rescue(self, rescued: Rescued) -> None:
+        """The rescue this rank wrote, on the bus (and in the event log, whichever rank wrote it)."""
+        decision, outcome = rescued.decision, rescued.outcome
+        if decision is None or outcome is None:
+            return
+        log = None
+        if self._event_log is None and self.config.dynamic_checkpoint.event_log:
+            log = EventLog(self.output_dir / EVENT_LOG_NAME).attach(self.bus)  # (the main process may be gone)
+        try:
+            fields = decision.event_fields()
+            self.bus.publish(SaveStarted(path=str(checkpoint_path(self.output_dir, decision.step)), **fields))
+            if isinstance(outcome, Written):
+                completed = SaveCompleted(
+                    path=str(outcome.path),
+                    bytes=outcome.bytes,
+                    seconds=outcome.write_seconds,
+                    stall_seconds=outcome.stall_seconds,
+                    write_seconds=outcome.write_seconds,
+                    **fields,
+                )
+                self._saved[decision.step] = completed
+                self.bus.publish(completed)
+            else:
+                self.bus.publish(SaveFailed(error=outcome.error, **fields))
+        finally:
+            if log is not None:
+                log.detach()
 
     def shutdown(self, why: str) -> None:
         """Alias of :meth:`abort` (no collective), kept for scripts written against it."""
