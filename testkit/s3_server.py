@@ -11,6 +11,7 @@ that while the process lives (moto's state is per process).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import uuid
@@ -22,30 +23,59 @@ SECRET_KEY = "testing"
 REGION = "us-east-1"
 
 
+def _severing_server(connections: set[Any]) -> Any:
+    """moto's ``ThreadedMotoServer``, whose request handlers register their connections in ``connections``, so
+    that :meth:`S3Server.stop` can cut them: stopping moto's server alone closes its listening socket, while
+    kept-alive connections would go on being served by their threads (no outage a client would see)."""
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    class Handler(MotoRequestHandler):  # type: ignore[misc]
+        def setup(self) -> None:
+            super().setup()
+            connections.add(self.connection)
+
+        def finish(self) -> None:
+            connections.discard(self.connection)
+            super().finish()
+
+    class Server(ThreadedMotoServer):  # type: ignore[misc]
+        def _server_entry(self) -> None:
+            app = DomainDispatcherApplication(create_backend_app)
+            self._server = make_server(self._ip_address, self._port, app, True, request_handler=Handler)
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    return Server
+
+
 class S3Server:
     """moto's ``ThreadedMotoServer`` on 127.0.0.1; :attr:`endpoint` is its URL."""
 
     def __init__(self, port: int = 0) -> None:
         self.port = port
         self._server: Any = None
+        self._connections: set[Any] = set()
 
     def start(self) -> S3Server:
-        import logging
-
-        from moto.server import ThreadedMotoServer
-
+        """Serve (again, on the same port after :meth:`stop`: moto's buckets live as long as this process)."""
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server = _severing_server(self._connections)(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         self.port = int(self._server.get_host_and_port()[1])
         return self
 
     def stop(self) -> None:
-        """Stop serving (the port closes; connections are refused until :meth:`start`)."""
-        if self._server is not None:
-            self._server.stop()
-            self._server._server.server_close()
-            self._server = None
+        """Go away as a killed server does: the port closes and every open connection is cut."""
+        if self._server is None:
+            return
+        self._server.stop()
+        self._server._server.server_close()
+        for connection in list(self._connections):
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self._server = None
 
     @property
     def endpoint(self) -> str:
