@@ -32,8 +32,37 @@ train: $(STAMP)  ## the main job: 2 ranks over gloo, tiny GPT-2, on-demand check
 train-1: $(STAMP)  ## the same with one process
 	$(BIN)/python train.py --config $(CONFIG)
 
-demo: $(STAMP)  ## train until Ctrl+C and print the commands to try from another terminal; starts afresh in outputs/demo
-	rm -rf outputs/demo
+# make demo starts afresh in outputs/demo, but never under a demo that runs there: that one holds
+# outputs/demo/ckptbus.lock (ckptbus/_lock.py), and deleting its directory would end it without a checkpoint.
+# The folder is emptied while this holds the lock itself, so a demo starting meanwhile is refused, not emptied.
+define FRESH_DEMO_DIR
+import os, shutil, sys
+from ckptbus import SetupError
+from ckptbus._lock import acquire, holder_of
+from ckptbus._names import LOCK_NAME
+out = "outputs/demo"
+if os.path.lexists(out):
+    try:
+        lock = acquire(out)
+    except (SetupError, OSError) as exc:
+        holder = holder_of(out)
+        who = f"pid {holder.pid} on {holder.host}, since {holder.started}" if holder else str(exc)
+        sys.exit(f"make demo: a demo is running in {out} ({who}); it is left as it is. Stop it first "
+                 "(Ctrl+C in its terminal), or try its triggers from this terminal")
+    for name in sorted(os.listdir(out)):
+        path = os.path.join(out, name)
+        if name == LOCK_NAME:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    lock.release()
+endef
+export FRESH_DEMO_DIR
+
+demo: $(STAMP)  ## train until Ctrl+C and print the commands to try from another terminal; starts afresh in outputs/demo (refused while a demo runs there)
+	@$(BIN)/python -c "$$FRESH_DEMO_DIR"
 	$(BIN)/accelerate launch --multi_gpu --num_processes $(NPROC) train.py --config configs/demo.yaml --show-commands
 
 test: $(STAMP)  ## the whole test suite, then the installed-wheel check (what CI runs)

@@ -25,7 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 # Imported first: it notes this process's parent, its launcher, before anything slow runs (see docs/schedulers.md).
-from ckptbus.plugins.integrations.startup_checks import check_resume_target, exit_if_launcher_gone, refuse
+from ckptbus.plugins.integrations.startup_checks import (
+    check_resume_target,
+    exit_if_launcher_gone,
+    is_local_main,
+    refuse,
+)
 
 from ckptbus import CheckpointConfig, CkptbusError, ConfigError, SetupError, load_config
 from ckptbus._names import METRICS_NAME
@@ -407,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         check_resume_target(ckpt_cfg)
         check_writable(ckpt_cfg.output_dir)
     except CkptbusError as exc:
-        refuse("train.py", exc)
+        if is_local_main():
+            logger.error("%s", exc)
+        return 2
     try:
         code = train(ckpt_cfg, cfg, show_commands=args.show_commands)
     except CkptbusError as exc:

@@ -226,6 +226,111 @@ def test_a_run_already_stopping_is_left_to_finish(family: Any) -> None:
     assert "is gone; the run is already saving and stopping as it was asked" in f.log()
 
 
+# A rank whose launcher dies before ckptbus starts: it imported ckptbus (as train.py does, first thing), then
+# "loads the model" until the test says go; only then does the run's checkpointing start.
+LATE_RANK_SCRIPT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from ckptbus import Bus
+    from ckptbus._source import RunInfo
+    from ckptbus.plugins.sources.launcher import LauncherWatch
+
+    out = Path(sys.argv[1])
+    (out / "ready").touch()
+    while not (out / "go").exists():
+        time.sleep(0.01)
+    LauncherWatch().start(Bus(), RunInfo(rank=0, world_size=2, output_dir=out))
+    (out / "trained").touch()
+    """
+)
+
+# A rank adopted by init before it imported ckptbus: the launcher died between starting it and the import.
+ADOPTED_RANK_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    out = Path(sys.argv[1])
+    (out / "ready").touch()
+    while not (out / "go").exists():
+        time.sleep(0.01)
+    (out / "parent").write_text(str(os.getppid()))
+    from ckptbus.plugins.sources.launcher import exit_if_launcher_gone
+    exit_if_launcher_gone()
+    (out / "trained").touch()
+    """
+)
+
+
+def _orphan(tmp_path: Path, script: str) -> tuple[int, str, Path]:
+    """Start ``script`` as the rank of a "launcher", SIGKILL the launcher once the rank runs, let the rank go on;
+    returns the rank's exit status (read from /proc: it is nobody's child here), its output, and its folder."""
+    (tmp_path / "rank.py").write_text(script, encoding="utf-8")
+    log = tmp_path / "output.log"
+    with log.open("wb") as output:
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER_SCRIPT, sys.executable, str(tmp_path / "rank.py"), str(tmp_path)],
+            stdout=output,
+            stderr=output,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, LAUNCHER_ENV[0]: "test", "RANK": "1"},
+            start_new_session=True,
+        )
+    try:
+        wait_for(lambda: (tmp_path / "ready").exists(), "the rank to start", 60)
+        (rank,) = descendants(launcher.pid)
+        launcher.kill()
+        launcher.wait()
+        (tmp_path / "go").touch()
+        wait_for(lambda: not _running(rank), "the orphaned rank to exit", 60, details=log.read_text)
+    finally:
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(rank, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(launcher.pid, signal.SIGKILL)
+    return launcher.pid, log.read_text(encoding="utf-8"), tmp_path
+
+
+def test_a_rank_whose_launcher_died_before_start_saves_nothing_and_exits(tmp_path: Path) -> None:
+    launcher, output, out = _orphan(tmp_path, LATE_RANK_SCRIPT)
+    assert not (out / "trained").exists(), "an orphan went on to train"
+    (line,) = output.splitlines()
+    assert line.startswith(f"ckptbus: the launcher of this rank (pid {launcher}) is gone (the parent is now pid ")
+    assert line.endswith("before training started; rank 1 saves nothing and exits (status 1)")
+
+
+def test_a_rank_adopted_before_it_imported_ckptbus_exits(tmp_path: Path) -> None:
+    _, output, out = _orphan(tmp_path, ADOPTED_RANK_SCRIPT)
+    if (out / "parent").read_text() != "1":
+        # A subreaper (systemd --user, a container's init shim) adopted it: its command cannot tell it from a
+        # launcher, and the rank is watched as before (docs/schedulers.md says so).
+        pytest.skip("orphans here are adopted by a subreaper, not by PID 1")
+    assert not (out / "trained").exists(), "an orphan went on to train"
+    assert "this rank's parent is pid 1 (" in output and "not a launcher: its launcher was gone already" in output
+
+
+def test_what_counts_as_a_launcher_program() -> None:
+    from ckptbus.plugins.sources.launcher import _runs_python
+
+    assert _runs_python(os.getpid())  # python: torchrun and accelerate launch are Python programs
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        wait_for(lambda: Path(f"/proc/{sleeper.pid}/cmdline").read_bytes().startswith(b"sleep"), "exec", 30)
+        assert not _runs_python(sleeper.pid)  # what init, tini or a shell look like
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert _runs_python(2**22 + 1)  # unreadable (no such process): not judged gone on a guess
+
+
+def test_a_process_no_launcher_started_is_never_ended() -> None:
+    from ckptbus.plugins.sources.launcher import exit_if_launcher_gone, launcher_gone
+
+    assert launcher_gone() is None  # pytest's parent is alive
+    assert "is gone (the parent is now pid" in (launcher_gone(launcher=os.getppid() + 1) or "")
+    exit_if_launcher_gone({})  # python train.py, from a shell: never judged (returns)
+
+
 # -- unit: in this process ------------------------------------------------------------------
 
 
@@ -463,3 +568,58 @@ def test_an_output_pipe_that_dies_with_the_agent(runs: Any, orphans: Orphans, tm
         run, orphans, "full", agent=agent, also=(reader, run.pid), before=right_after_the_progress_bar_wrote
     )
     _report("accelerate launch | cat", figures)
+
+
+# train.py whose model takes until the test says go to build: the ranks have joined their process group and wait
+# there, as ranks loading a large model would, when the test kills their launcher.
+SLOW_LOADING = textwrap.dedent(
+    """
+    import os, sys, time
+    from pathlib import Path
+    sys.path.insert(0, {repo!r})
+    import train
+
+    build = train.make_model
+    def make_model(cfg):
+        here = Path({folder!r})
+        (here / f"loading-{{os.environ['RANK']}}").touch()
+        while not (here / "go").exists():
+            time.sleep(0.05)
+        return build(cfg)
+    train.make_model = make_model
+    sys.exit(train.main())
+    """
+)
+
+
+@pytest.mark.slow
+def test_launcher_killed_while_the_ranks_load_the_model(runs: Any, orphans: Orphans, tmp_path: Path) -> None:
+    """No checkpoint, no training, one line per rank, every rank gone, and the output_dir's lock free."""
+    from ckptbus import SetupError
+    from ckptbus._lock import acquire
+
+    script = tmp_path / "slow_loading.py"
+    script.write_text(SLOW_LOADING.format(repo=str(REPO), folder=str(tmp_path)), encoding="utf-8")
+    run = runs(lambda run: accelerate_launch(script, "--config", str(run.config_path)))
+    loading = [tmp_path / f"loading-{rank}" for rank in (0, 1)]
+    run.wait_for(lambda: all(path.exists() for path in loading), "both ranks to load the model")
+    orphans.pids = descendants(run.pid)  # the ranks (accelerate launch runs the agent in its own process)
+    assert len(orphans.pids) == 2, orphans.pids
+    os.kill(run.pid, signal.SIGKILL)
+    (tmp_path / "go").touch()
+    wait_for(orphans.gone, "every orphaned rank to exit", 120, details=run.log_tail)
+    lines = [line for line in run.log().splitlines() if "before training started" in line]
+    assert len(lines) == 2, run.log_tail()
+    for line in lines:
+        assert f"the launcher of this rank (pid {run.pid}) is gone" in line
+        assert "saves nothing and exits (status 1)" in line
+    assert list_checkpoints(run.output_dir) == [] and run.metrics() == [], "an orphan saved or trained"
+
+    def lock_free() -> bool:  # once the last thread of each rank is gone (a zombie leader may still have threads)
+        try:
+            acquire(run.output_dir).release()
+        except SetupError:
+            return False
+        return True
+
+    wait_for(lock_free, "the output_dir's lock to be free", 60)
