@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import slurm_cluster
 from leaks import Snapshot, kill, leftovers, mark_owned_processes
-from runs import TrainingRun
+from runs import TrainingRun, finished_run, shared_dir
 
 mark_owned_processes()
 
@@ -82,6 +82,19 @@ def launch(tmp_path: Path) -> Iterator[Callable[..., TrainingRun]]:
     yield start
     for run in runs:
         run.kill()
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., TrainingRun]:
+    """``shared_run(processes=2, config={...})``: a finished run of train.py that every test of the session asking
+    for the same processes and config shares, on every pytest-xdist worker (runs.finished_run). Read it, never
+    write into its output_dir: copy what a test changes."""
+    root = shared_dir(tmp_path_factory.getbasetemp())
+
+    def get(**kwargs: Any) -> TrainingRun:
+        return finished_run(root, **kwargs)
+
+    return get
 
 
 @pytest.fixture(autouse=True)

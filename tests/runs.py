@@ -9,8 +9,11 @@ fixed sleeps.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +40,27 @@ BASE_CONFIG: dict[str, Any] = {
     "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "vocab_size": 32},
     "dynamic_checkpoint": {"enabled": True, "check_interval": 5},
 }
+
+CHECKPOINTS_AT_4_AND_8: dict[str, Any] = {
+    "dataset_size": 64,
+    "micro_batch_size": 4,
+    "sequence_len": 16,
+    "max_steps": 8,
+    "save_steps": 4,
+    "dynamic_checkpoint": {"enabled": False},
+}
+"""A run with full checkpoints at steps 4 and 8 and no trigger: the reference several test files copy, damage and
+resume from (with :func:`finished_run`, one run for all of them)."""
+
+TWELVE_STEPS: dict[str, Any] = {
+    "max_steps": 12,
+    "warmup_steps": 4,
+    "learning_rate": 1e-3,
+    "save_steps": 6,
+    "dynamic_checkpoint": {"async_save": False},
+}
+"""12 steps with a warm-up and full checkpoints at 6 and 12, saved synchronously: tests/test_lr_schedule.py reads
+its learning rates, tests/test_parallel_writers.py its digests; on 2 ranks, one run for both (:func:`finished_run`)."""
 
 
 def accelerate_launch(script: Path | str, *args: str, processes: int = 2, module: bool = False) -> list[str]:
@@ -99,6 +123,8 @@ class TrainingRun:
             cmd = accelerate_launch(REPO / "train.py", processes=processes)
         self.cmd = [*cmd, "--config", str(self.config_path), *(extra_args or [])]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.exit_status: int | None = None
+        """The status of a run that ended before this object was made (:func:`finished_run`); else None."""
 
     # -- process ------------------------------------------------------------
 
@@ -154,6 +180,8 @@ class TrainingRun:
         return sorted(pids)
 
     def wait_exit(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        if self.proc is None and self.exit_status is not None:
+            return self.exit_status
         assert self.proc is not None
         try:
             return self.proc.wait(timeout=timeout)
@@ -229,6 +257,49 @@ class TrainingRun:
         """Wait until ``count`` ranks (default: ``processes``) run; return :meth:`rank_pids`."""
         want = self.processes if count is None else count
         return dict(self.wait_for(lambda: len(self.rank_pids()) >= want and self.rank_pids(), f"{want} ranks", timeout))
+
+
+def finished_run(
+    root: Path, *, processes: int = 2, config: dict[str, Any], name: str = "shared", timeout: float = 300.0
+) -> TrainingRun:
+    """A run of train.py that exited 0, done once for every test that asks for the same ``processes`` and
+    ``config`` (merged with :data:`BASE_CONFIG`) under ``root``, across pytest-xdist's workers too.
+
+    For runs that tests only read: a reference whose losses resumed runs must repeat (training is deterministic
+    on CPU, as the exact-resume tests prove), or checkpoints they copy before damaging them. The first test to
+    ask starts the run and waits for its end holding a lock; the others wait on that lock and get the same
+    finished run (its ``output_dir``, ``metrics()``, ``log()``; ``wait_exit()`` returns 0 at once). ``root``
+    is :func:`shared_dir`'s. A run that did not exit 0 fails every test that asked for it, with its log.
+    """
+    cfg = merge(BASE_CONFIG, config)
+    key = hashlib.sha256(json.dumps([processes, cfg], sort_keys=True).encode()).hexdigest()[:16]
+    workdir = root / f"{name}-{key}"
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f"{name}-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed, and by the kernel if this dies
+        status = workdir / "exit-status"
+        if not status.exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # what a worker that died mid-run left
+            workdir.mkdir()
+            run = TrainingRun(workdir, processes=processes, config=cfg, name=name, raw_config=True).start()
+            try:
+                code = run.wait_exit(timeout)
+            except AssertionError:
+                code = -1  # did not exit in time: killed below, and a failure for everyone who asks
+            finally:
+                run.kill()
+            status.write_text(str(code), encoding="utf-8")
+    run = TrainingRun(workdir, processes=processes, config=cfg, name=name, raw_config=True)
+    code = run.exit_status = int(status.read_text(encoding="utf-8"))
+    assert code == 0, f"the shared run in {workdir} exited with {code} (-1: not within {timeout} s)\n{run.log_tail()}"
+    return run
+
+
+def shared_dir(basetemp: Path) -> Path:
+    """Where :func:`finished_run` keeps runs for this whole pytest session: every pytest-xdist worker has its
+    own ``basetemp`` inside the session's (``<session>/gw0``), so the workers share its parent."""
+    session = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+    return session / "shared-runs"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
