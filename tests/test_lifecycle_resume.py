@@ -62,6 +62,11 @@ def assert_same_losses(reference: dict[int, float], resumed: dict[int, float], f
     assert not different, f"losses differ after resuming (step: (uninterrupted, resumed)): {different}"
 
 
+def scheduled_reference(save_steps: int, max_steps: int) -> dict[str, Any]:
+    """The config of an uninterrupted run with scheduled checkpoints (``shared_run``: one run per session)."""
+    return {**DATA, "max_steps": max_steps, "save_steps": save_steps, "dynamic_checkpoint": NO_TRIGGERS}
+
+
 @pytest.mark.parametrize(
     ("processes", "save_steps", "max_steps", "resume_steps"),
     [
@@ -72,15 +77,15 @@ def assert_same_losses(reference: dict[int, float], resumed: dict[int, float], f
     ],
 )
 def test_resume_from_scheduled_checkpoint_repeats_the_losses(
-    launch: Launch, tmp_path: Path, processes: int, save_steps: int, max_steps: int, resume_steps: tuple[int, ...]
+    launch: Launch,
+    shared_run: Launch,
+    tmp_path: Path,
+    processes: int,
+    save_steps: int,
+    max_steps: int,
+    resume_steps: tuple[int, ...],
 ) -> None:
-    reference = run_to_end(
-        launch(
-            processes=processes,
-            config={**DATA, "max_steps": max_steps, "save_steps": save_steps, "dynamic_checkpoint": NO_TRIGGERS},
-            name="reference",
-        )
-    )
+    reference = shared_run(processes=processes, config=scheduled_reference(save_steps, max_steps))
     ref_losses = losses(reference.metrics())
     assert sorted(ref_losses) == list(range(1, max_steps + 1))
     for step in resume_steps:
@@ -158,44 +163,39 @@ def copy_checkpoint(source: Path, out: Path, step: int, *, kind: str | None = No
     return final
 
 
-def test_latest_takes_only_complete_full_checkpoints(launch: Launch, tmp_path: Path) -> None:
+def test_latest_takes_only_complete_full_checkpoints(launch: Launch, shared_run: Launch, tmp_path: Path) -> None:
     """Newer than the one full checkpoint: a weights-only one, an interrupted save (staging, even with its
     manifest), a directory without manifest, one with a truncated file. ``latest`` takes the full one and the
     start-up removes the staging leftover with a log line."""
-    source = run_to_end(
-        launch(
-            processes=1,
-            config={**DATA, "max_steps": 4, "save_steps": 4, "dynamic_checkpoint": NO_TRIGGERS},
-            name="source",
-        )
-    )
-    real = checkpoint_path(source.output_dir, 4)
+    # The real checkpoint copied: step 5 of the 1-rank reference of the scheduled-resume test above.
+    source = shared_run(processes=1, config=scheduled_reference(5, 24))
+    real = checkpoint_path(source.output_dir, 5)
     out = tmp_path / "out-latest"
-    full = copy_checkpoint(real, out, 4)
-    copy_checkpoint(real, out, 8, kind="weights")
+    full = copy_checkpoint(real, out, 5)
+    copy_checkpoint(real, out, 10, kind="weights")
     # A save interrupted between the manifest and the rename: a staging directory with a valid manifest.
-    interrupted = copy_checkpoint(real, out, 12)
-    interrupted.rename(staging_path(out, 12))
-    no_manifest = copy_checkpoint(real, out, 16)
+    interrupted = copy_checkpoint(real, out, 15)
+    interrupted.rename(staging_path(out, 15))
+    no_manifest = copy_checkpoint(real, out, 20)
     (no_manifest / MANIFEST_NAME).unlink()
-    truncated = copy_checkpoint(real, out, 20)
+    truncated = copy_checkpoint(real, out, 25)
     with open(truncated / "optimizer.bin", "r+b") as fh:
         fh.truncate(100)
-    assert [c.step for c in list_checkpoints(out)] == [4, 8]
+    assert [c.step for c in list_checkpoints(out)] == [5, 10]
 
     run = run_to_end(
         launch(
             processes=1,
-            config={**DATA, "max_steps": 6, "output_dir": str(out), "dynamic_checkpoint": NO_TRIGGERS},
+            config={**DATA, "max_steps": 7, "output_dir": str(out), "dynamic_checkpoint": NO_TRIGGERS},
             extra_args=["--resume-from-checkpoint", "latest"],
             name="latest",
         )
     )
     log = run.log()
-    assert f"resumed from {full} at step 4" in log
-    assert f"removed {staging_path(out, 12)}, left by a save that was interrupted" in log
-    assert not staging_path(out, 12).exists()
-    assert sorted(losses(run.metrics())) == [5, 6]
+    assert f"resumed from {full} at step 5" in log
+    assert f"removed {staging_path(out, 15)}, left by a save that was interrupted" in log
+    assert not staging_path(out, 15).exists()
+    assert sorted(losses(run.metrics())) == [6, 7]
     assert no_manifest.exists() and truncated.exists(), "directories that are not ckptbus checkpoints are left alone"
 
 
