@@ -27,6 +27,7 @@ default action are not, since they would end the step half done.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import os
 import signal
@@ -271,11 +272,12 @@ class SignalTrigger:
                     event.seconds,
                 )
                 if event.exit_after and self._launched and self._main:
+                    signum = int(signal.Signals[name])
                     logger.info(
-                        "ckptbus: the checkpoint is %s; every rank now exits with status %d, which the launcher "
-                        "reports with a traceback of its own and status 1: expected after %s",
+                        "ckptbus: the checkpoint is %s; every rank now exits with status %d, %s: expected after %s",
                         event.path,
-                        128 + int(signal.Signals[name]),
+                        128 + signum,
+                        launcher_report(signum),
                         name,
                     )
             else:
@@ -286,3 +288,41 @@ class SignalTrigger:
                     time.time() - at,
                     event.error,
                 )
+
+
+def launcher_report(signum: int, environ: Mapping[str, str] = os.environ) -> str:
+    """What the launcher prints and returns once every rank exited with ``128 + signum`` (docs/signals.md).
+
+    ``accelerate launch`` 1.16 and later exits with ``128 + signum`` and no
+    traceback when the signal reached the launcher too (a terminal's Ctrl+C,
+    a scheduler's signal to the job); earlier versions, and ``torchrun``,
+    print a traceback of their own and exit 1. A signal sent to the ranks
+    alone is a failure of the ranks to every launcher: a traceback, status 1.
+    """
+    if not any(name.startswith("ACCELERATE_") for name in environ):  # accelerate launch sets them for its ranks
+        return "which torchrun reports with a traceback of its own and status 1"
+    version = _accelerate_version()
+    if version is None or version[:2] < (1, 16):
+        shown = ".".join(map(str, version)) if version else "(version unknown)"
+        return f"which accelerate launch {shown} reports with a traceback of its own and status 1"
+    return (
+        f"which accelerate launch {'.'.join(map(str, version))} passes on as its own status {128 + signum} "
+        "without a traceback (a traceback and status 1 if the signal reached the ranks alone)"
+    )
+
+
+def _accelerate_version() -> tuple[int, ...] | None:
+    """The installed accelerate's version as numbers (the launcher runs from the same environment as its ranks)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = version("accelerate")
+    except PackageNotFoundError:
+        return None
+    numbers = []
+    for part in text.split(".")[:3]:
+        digits = "".join(itertools.takewhile(str.isdigit, part))
+        if not digits:
+            break
+        numbers.append(int(digits))
+    return tuple(numbers) or None
