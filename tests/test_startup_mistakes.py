@@ -157,3 +157,32 @@ def test_make_demo_refuses_while_a_demo_runs(repo_copy: Path) -> None:
     (line,) = [line for line in proc.stderr.splitlines() if line.startswith("make demo:")]
     assert f"a demo is running in outputs/demo (pid {os.getpid()} on " in line and "it is left as it is" in line
     assert (demo / "checkpoint-5").is_dir() and (demo / "metrics.jsonl").exists(), "a running demo lost its files"
+
+
+# -- the trigger file's folder ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["absolute", "inside output_dir"])
+def test_a_trigger_file_in_a_folder_that_does_not_exist_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    import logging
+
+    from ckptbus.plugins.sources.file import FileTrigger
+
+    from ckptbus import Bus
+    from ckptbus._source import RunInfo
+
+    name = str(tmp_path / "missing" / "go.save") if where == "absolute" else "missing/go.save"
+    trigger = FileTrigger(name, check_interval=1)
+    with caplog.at_level(logging.WARNING, logger="ckptbus"):
+        trigger.start(Bus(), RunInfo(rank=0, world_size=1, output_dir=tmp_path))
+    trigger.close()
+    (line,) = [r.getMessage() for r in caplog.records if "does not exist" in r.getMessage()]
+    assert f"the folder of the trigger file {tmp_path / 'missing' / 'go.save'} does not exist" in line
+
+    caplog.clear()
+    (tmp_path / "missing").mkdir()
+    with caplog.at_level(logging.WARNING, logger="ckptbus"):
+        FileTrigger(name, check_interval=1).start(Bus(), RunInfo(rank=0, world_size=1, output_dir=tmp_path))
+    assert not [r for r in caplog.records if "does not exist" in r.getMessage()]

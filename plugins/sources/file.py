@@ -69,6 +69,14 @@ class FileTrigger:
                 self.path,
             )
             self._remove(st)
+        elif not self.path.parent.is_dir():
+            # An absolute trigger_file_path in a folder that is not there: a touch would fail, and nothing would
+            # ever be seen. Said once, at start-up; the run goes on (the folder may be mounted or made later).
+            logger.warning(
+                "ckptbus: the folder of the trigger file %s does not exist: `touch` there fails until it does. "
+                "Create it, or set dynamic_checkpoint.trigger_file_path to a file name inside output_dir",
+                self.path,
+            )
 
     def close(self) -> None:
         self._subscriptions.close()
