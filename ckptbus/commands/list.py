@@ -37,6 +37,11 @@ complete checkpoint is not in the table: it is named on stderr with why
 ("not usable (damaged)" or "(incomplete)"), a symbolic link among them:
 ckptbus never follows a checkpoint-<step> that is a link.
 
+`ckptbus list s3://BUCKET/PREFIX` lists the checkpoints in a run's
+remote_dir the same way (complete there: the manifest object exists and
+every object it lists has its size); --config then reads
+remote.keep for the ROTATION column.
+
 --plot FILE draws the run's save history from its event log
 (DIR/ckptbus-events.jsonl): when each save finished, how long it took and how
 long it held training, failed saves included. It needs matplotlib."""
@@ -56,6 +61,7 @@ given as --output-dir)"""
 
 def list_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     parser = command_parser(subparsers, "list", "list complete checkpoints on disk", DESCRIPTION, EPILOG)
+    parser.add_argument("url", nargs="?", metavar="S3_URL", help="a remote_dir (s3://BUCKET/PREFIX) to list instead")
     add_target_arguments(parser, socket=False)
     parser.add_argument(
         "--save-total-limit",
@@ -84,6 +90,8 @@ def list_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
 
 
 def list_command(args: argparse.Namespace) -> int:
+    if args.url is not None:
+        return _list_remote(args)
     try:
         config = read_config(args.config) if args.config is not None else None
         output_dir = output_dir_of(args, config)
@@ -127,6 +135,27 @@ def list_command(args: argparse.Namespace) -> int:
             print(f"ckptbus list: not usable ({state}): {other['path']}: {other['why']}", file=sys.stderr)
         if plot_note is not None:
             print(f"ckptbus list: {plot_note}", file=sys.stderr)  # stderr: stdout stays the table
+    return EXIT_OK
+
+
+def _list_remote(args: argparse.Namespace) -> int:
+    """``ckptbus list s3://...``: the checkpoints in a bucket (boto3 imported only now)."""
+    from ._remote import list_rows
+
+    try:
+        if args.output_dir is not None or args.plot is not None:
+            raise CommandError(EXIT_USAGE, "usage", "give an s3:// URL or --output-dir (and --plot), not both")
+        keep = read_config(args.config).remote.keep if args.config is not None else None
+        rows, others = list_rows(args.url, keep)
+    except CommandError as exc:
+        return fail(args, exc)
+    if args.json:
+        emit_json({"ok": True, "remote_dir": args.url, "remote_keep": keep, "checkpoints": rows, "unusable": others})
+        return EXIT_OK
+    print(format_table(rows) if rows else f"no complete checkpoints in {args.url}")
+    for other in others:
+        state = "damaged" if other["damaged"] else "incomplete"
+        print(f"ckptbus list: not usable ({state}): {other['path']}: {other['why']}", file=sys.stderr)
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from .._client import ClientError, TimedOut, call
+from .._names import CHECKPOINT_PREFIX
 from .._protocol import ProtocolError, StatusRequest
 from ._common import (
     EXIT_ERROR,
@@ -34,13 +35,17 @@ newest checkpoint it completed since it started (or resumed), pending requests
 (socket requests with how many clients wait for each), the number of processes,
 whether it is stopping, and the main process's pid and socket. From the run's
 event log: how long its saves took, and the grace period to ask a scheduler
-for."""
+for. With remote_dir: the upload backlog (in flight, queued, failed, retried
+after an error) and the last upload's throughput."""
 
 EPILOG = """\
 --json: the run's reply, {"ok": true, "status": {"step", "last_checkpoint",
 "last_checkpoint_step", "pending_requests", "world_size", "stopping",
 "output_dir", "pid", "socket", "socket_requests", "saves": {"full",
-"weights", "grace_period_seconds", ...}, ...}}; paths are absolute
+"weights", "grace_period_seconds", ...}, "uploads": null or {"remote_dir",
+"in_flight", "in_flight_bytes_sent", "queued", "failed", "retrying",
+"last_uploaded", "last_upload_seconds", "last_upload_bytes_per_second"},
+...}}; paths are absolute
 
 exit codes: 0 ok, 1 error, 2 usage, 3 run not reachable (or, with --config
 naming a socket.path, another run answers there), 5 timed out, 130
@@ -119,10 +124,37 @@ def format_status(status: dict[str, Any]) -> str:
         ("stopping", "yes" if status.get("stopping") else "no"),
         ("main process", f"pid {status.get('pid')}, socket {status.get('socket')}"),
     ]
+    rows.extend(upload_rows(status.get("uploads")))
     rows.extend(timing_rows(status.get("saves")))
     if "error" in status:
         rows.append(("status error", status["error"]))
     return "\n".join(f"{name + ':':<18}{value}" for name, value in rows)
+
+
+def upload_rows(uploads: Any) -> list[tuple[str, Any]]:
+    """The upload backlog to remote_dir and the last upload's throughput, for people; nothing without remote_dir."""
+    if not isinstance(uploads, dict):
+        return []
+    flight = uploads.get("in_flight")
+    parts = []
+    if flight is not None:
+        sent = uploads.get("in_flight_bytes_sent") or 0
+        parts.append(f"in flight {CHECKPOINT_PREFIX}{flight} ({sent / 1e6:.1f} MB sent)")
+    queued = uploads.get("queued") or []
+    names = ", ".join(f"{CHECKPOINT_PREFIX}{q}" for q in queued)
+    parts.append(f"{len(queued)} queued" + (f" ({names})" if queued else ""))
+    failed = uploads.get("failed") or {}
+    parts.append(
+        f"{len(failed)} failed" + (f" ({'; '.join(f'{k}: {v}' for k, v in failed.items())})" if failed else "")
+    )
+    rows: list[tuple[str, Any]] = [("uploads", f"to {uploads.get('remote_dir')}: " + ", ".join(parts))]
+    if uploads.get("retrying"):
+        rows.append(("upload retried", uploads["retrying"]))
+    last = uploads.get("last_uploaded")
+    speed = uploads.get("last_upload_bytes_per_second")
+    if last:
+        rows.append(("last upload", f"{last}" + (f" ({speed / 1e6:.1f} MB/s)" if speed else " (already there)")))
+    return rows
 
 
 def _absolute_paths(status: dict[str, Any]) -> dict[str, Any]:

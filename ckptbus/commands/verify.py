@@ -10,6 +10,7 @@ from typing import Any
 
 from .._errors import CheckpointError
 from .._layout import Unusable, read_checkpoint, scan_checkpoints, was_complete
+from .._remote_url import is_remote
 from .._verify import VERIFY_MODES, VerifyMode, VerifyReport, verify_checkpoint
 from ._common import (
     EXIT_ERROR,
@@ -43,7 +44,12 @@ FIFO cannot hang it), a file the manifest does not list, and a
 checkpoint-<step> folder that is a symbolic link are FAILED, named
 (pass a link's real path instead). Checkpoints written before digests existed are checked
 by size, and say so. Reads every byte with --mode full: about one read of
-the checkpoints from disk."""
+the checkpoints from disk.
+
+An s3:// URL checks checkpoints in object storage the same way (every
+object read and compared with its size and digest, nothing kept on disk,
+a progress bar on a terminal): s3://BUCKET/PREFIX for every checkpoint of
+a remote_dir, s3://BUCKET/PREFIX/checkpoint-<step> for one."""
 
 EPILOG = """\
 --json: {"ok": true|false, "checkpoints": [{"path", "step", "status" (ok,
@@ -59,7 +65,12 @@ def verify_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
     parser = command_parser(
         subparsers, "verify", "check checkpoints against their manifests (sizes, digests)", DESCRIPTION, EPILOG
     )
-    parser.add_argument("paths", nargs="*", metavar="CHECKPOINT", help="checkpoint folders to check")
+    parser.add_argument(
+        "paths",
+        nargs="*",
+        metavar="CHECKPOINT",
+        help="checkpoint folders to check, or s3:// URLs (a remote_dir, or one checkpoint-<step> in it)",
+    )
     add_target_arguments(parser, socket=False)
     parser.add_argument(
         "--mode",
@@ -75,10 +86,17 @@ def verify_command_parser(subparsers: Any = None) -> argparse.ArgumentParser:
 
 def verify_command(args: argparse.Namespace) -> int:
     try:
-        targets = _targets(args)
+        remote = [p for p in args.paths if is_remote(p)]
+        args.paths = [p for p in args.paths if not is_remote(p)]
+        targets = _targets(args) if args.paths or not remote else []
+        rows = [_check(target, args.mode) for target in targets]
+        if remote:
+            from ._remote import verify_rows  # boto3 only now
+
+            for url in remote:
+                rows += verify_rows(url, show_progress=not args.json, mode=args.mode)
     except CommandError as exc:
         return fail(args, exc)
-    rows = [_check(target, args.mode) for target in targets]
     failed = [r for r in rows if r["status"] == "failed"]
     if args.json:
         envelope: dict[str, Any] = {"ok": not failed, "checkpoints": rows}
@@ -152,7 +170,7 @@ def _row(
 
 
 def _line(row: dict[str, Any]) -> str:
-    name = Path(row["path"]).name
+    name = row["path"].rsplit("/", 1)[-1]
     if row["status"] != "ok":
         return f"{name}  {row['status'].upper()}  {row['problem']}  ({row['path']})"
     read = f", {human_size(row['bytes_read'])} read" if row["bytes_read"] else ""
@@ -161,5 +179,5 @@ def _line(row: dict[str, Any]) -> str:
 
 
 def _failure_summary(failed: list[dict[str, Any]], total: int) -> str:
-    names = ", ".join(Path(r["path"]).name for r in failed)
+    names = ", ".join(r["path"].rsplit("/", 1)[-1] for r in failed)
     return f"{len(failed)} of {total} checkpoint(s) failed verification: {names}"
