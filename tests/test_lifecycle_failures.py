@@ -70,34 +70,38 @@ def assert_only(out: Path, steps: list[int]) -> None:
     assert staging_dirs(out) == []
 
 
-@pytest.mark.parametrize("rank", [0, 1], ids=["rank0-committer", "rank1"])
-def test_file_too_large_on_one_rank_fails_the_save_on_every_rank(launch: Launch, rank: int) -> None:
+def test_file_too_large_on_one_rank_fails_the_save_on_every_rank(launch: Launch) -> None:
+    """On rank 0 (the committer), then on rank 1, in the same run: each failed save is agreed by every rank, and
+    the next one, with the limit lifted, succeeds."""
     run = launch(processes=2, config={**SMALL, "dynamic_checkpoint": {"check_interval": 2}})
     pids = run.wait_for_ranks()
     run.wait_for_step(2)
     first = trigger_and_wait(run)
     assert first["event"] == "SaveCompleted", first
+    saved = [first["step"]]
 
-    # Rank 1 writes only random_states_1.pkl (about 14 kB). Rank 0 writes the model (about 210 kB), and
-    # keeps appending to metrics, event log and the run's log: leave those room.
-    sizes = [p.stat().st_size for p in (run.log_path, run.output_dir / "metrics.jsonl")]
-    limit = 4096 if rank == 1 else max(sizes) + 64 * 1024
-    assert limit < 200 * 1024
-    limit_file_size(pids[rank], limit)
-    failed = trigger_and_wait(run)
-    assert failed["event"] == "SaveFailed", failed
-    # Every rank reports the real reason (the main process publishes it, so a waiting request gets it).
-    assert f"writing failed on rank {rank}" in failed["error"], failed["error"]
-    # Each writer reports EFBIG in its own words (safetensors: "File too large (os error 27)"; torch's zip
-    # writer: "file write failed" or "unexpected pos ..."): the exception type and its text travel as they are.
-    assert re.match(rf"writing failed on rank {rank}: \w+: \S", failed["error"]), failed["error"]
-    assert_only(run.output_dir, [first["step"]])
-    assert run.wait_for_step(failed["step"] + 4), "training goes on after a failed save"
+    for rank in (0, 1):
+        # Rank 1 writes only random_states_1.pkl (about 14 kB). Rank 0 writes the model (about 210 kB), and
+        # keeps appending to metrics, event log and the run's log: leave those room.
+        sizes = [p.stat().st_size for p in (run.log_path, run.output_dir / "metrics.jsonl")]
+        limit = 4096 if rank == 1 else max(sizes) + 64 * 1024
+        assert limit < 200 * 1024
+        limit_file_size(pids[rank], limit)
+        failed = trigger_and_wait(run)
+        assert failed["event"] == "SaveFailed", failed
+        # Every rank reports the real reason (the main process publishes it, so a waiting request gets it).
+        assert f"writing failed on rank {rank}" in failed["error"], failed["error"]
+        # Each writer reports EFBIG in its own words (safetensors: "File too large (os error 27)"; torch's zip
+        # writer: "file write failed" or "unexpected pos ..."): the exception type and its text travel as they are.
+        assert re.match(rf"writing failed on rank {rank}: \w+: \S", failed["error"]), failed["error"]
+        assert_only(run.output_dir, saved)
+        assert run.wait_for_step(failed["step"] + 4), "training goes on after a failed save"
 
-    limit_file_size(pids[rank], None)
-    again = trigger_and_wait(run)
-    assert again["event"] == "SaveCompleted", again
-    assert_only(run.output_dir, [first["step"], again["step"]])
+        limit_file_size(pids[rank], None)
+        again = trigger_and_wait(run)
+        assert again["event"] == "SaveCompleted", again
+        saved.append(again["step"])
+        assert_only(run.output_dir, saved)
     assert sorted(run.rank_pids()) == [0, 1]
 
 
