@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
-from runs import TrainingRun
+from runs import CHECKPOINTS_AT_4_AND_8, TrainingRun
 from test_verify import FILES, flip, write_checkpoint
 
 from ckptbus import CheckpointError, Manifest, list_checkpoints, read_checkpoint
@@ -436,19 +436,10 @@ Launch = Callable[..., TrainingRun]
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingRun]:
-    """A finished 2-rank run with full checkpoints at steps 4 and 8 and its losses (the reference)."""
-    run = TrainingRun(
-        tmp_path_factory.mktemp("hostile-source"),
-        processes=2,
-        config={**DATA, "max_steps": 8, "save_steps": 4, "dynamic_checkpoint": NO_TRIGGERS},
-        name="source",
-    ).start()
-    try:
-        assert run.wait_exit(timeout=300) == 0, run.log_tail()
-        yield run
-    finally:
-        run.kill()
+def source(shared_run: Callable[..., TrainingRun]) -> TrainingRun:
+    """A finished 2-rank run with full checkpoints at steps 4 and 8 and its losses (the reference); the same run
+    as tests/test_resume_integrity.py's, done once per session."""
+    return shared_run(processes=2, config=CHECKPOINTS_AT_4_AND_8)
 
 
 def losses(rows: list[dict[str, Any]]) -> dict[int, float]:

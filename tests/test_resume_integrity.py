@@ -20,12 +20,12 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from runs import REPO, TrainingRun, run_ranks
+from runs import CHECKPOINTS_AT_4_AND_8, REPO, TrainingRun, run_ranks
 from test_verify import flip, write_checkpoint
 
 from ckptbus import CheckpointConfig, CheckpointError, ConfigError, DynamicCheckpointConfig, list_checkpoints
@@ -245,20 +245,10 @@ NO_TRIGGERS = {"enabled": False}
 
 
 @pytest.fixture(scope="module")
-def source(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TrainingRun]:
-    """A finished 2-rank run with full checkpoints at steps 4 and 8 and its losses (the reference)."""
-    work = tmp_path_factory.mktemp("source")
-    run = TrainingRun(
-        work,
-        processes=2,
-        config={**DATA, "max_steps": 8, "save_steps": 4, "dynamic_checkpoint": NO_TRIGGERS},
-        name="source",
-    ).start()
-    try:
-        assert run.wait_exit(timeout=300) == 0, run.log_tail()
-        yield run
-    finally:
-        run.kill()
+def source(shared_run: Callable[..., TrainingRun]) -> TrainingRun:
+    """A finished 2-rank run with full checkpoints at steps 4 and 8 and its losses (the reference); the same run
+    as tests/test_hostile_checkpoints.py's, done once per session."""
+    return shared_run(processes=2, config=CHECKPOINTS_AT_4_AND_8)
 
 
 def copy_run(source: TrainingRun, out: Path) -> Path:
