@@ -107,23 +107,51 @@ def test_shared_output_dir(nodes: Nodes, tmp_path: Path) -> None:
 
 
 def test_output_dir_per_node_with_save_on_each_node(nodes: Nodes, tmp_path: Path) -> None:
+    """One output_dir per node with ``save_on_each_node``, in one job and its restarts (each launch of two nodes
+    costs about a minute on two cores, so one job proves three things):
+
+    1. a file-triggered checkpoint and the scheduled ones land on every node, each node with its own rank's
+       RNG state;
+    2. node 1 loses its newest checkpoint: resuming from ``latest`` is refused on every node before training;
+    3. with the file-triggered checkpoint the newest on both nodes again, every node resumes from it exactly.
+    """
     outs = [tmp_path / "node0", tmp_path / "node1"]
-    config = {**DATA, "save_on_each_node": True, "dynamic_checkpoint": {"check_interval": 3}}
+    config = {**DATA, "save_steps": 10, "save_on_each_node": True, "dynamic_checkpoint": {"check_interval": 3}}
     first = nodes(outs, config)
     first[0].wait_for_step(2, timeout=STARTUP)
     (outs[0] / "axolotl_checkpoint.save").touch()  # with the main process: node 0's directory
     finish(first)
     steps = [[c.step for c in list_checkpoints(out)] for out in outs]
-    assert len(steps[0]) == 1 and steps[0] == steps[1], f"every node holds the same checkpoint: {steps}"
-    step = steps[0][0]
+    [step] = [c.step for c in list_checkpoints(outs[0]) if c.manifest.reason == "file"]
+    # The trigger is seen on a multiple of check_interval (3): never a scheduled step (10, 20).
+    assert steps[0] == sorted({step, 10, 20}) and steps[0] == steps[1], (
+        f"every node holds the same checkpoints: {steps}"
+    )
     for machine, out in enumerate(outs):
-        files = set(list_checkpoints(out)[0].manifest.files)
-        # Model and optimizer on every node; the RNG state of the node's own rank.
-        assert {"model.safetensors", "optimizer.bin", f"random_states_{machine}.pkl"} <= files
+        for info in list_checkpoints(out):
+            # Model and optimizer on every node; the RNG state of the node's own rank.
+            assert {"model.safetensors", "optimizer.bin", f"random_states_{machine}.pkl"} <= set(info.manifest.files)
         assert not [p for p in out.iterdir() if p.name.startswith(".ckptbus-")]
     assert not (outs[1] / "metrics.jsonl").exists(), "metrics are written by the main process only"
     rows_before = len(first[0].metrics())
+    assert rows_before == 20
 
+    # 2. Node 1 lost its newest checkpoint: the nodes' "latest" differ.
+    shutil.rmtree(checkpoint_path(outs[1], 20))
+    node1_latest = max(s for s in steps[1] if s != 20)
+    refused = nodes(outs, config, ("--resume-from-checkpoint", "latest"))
+    finish(refused, expect=1)  # torchrun's status when a worker failed; the worker's own is 2
+    for run in refused:
+        message = f"ranks found different checkpoints for 'latest' (steps {node1_latest} to 20)"
+        assert message in run.log(), run.log_tail()
+        assert "exitcode  : 2" in run.log()
+    assert len(first[0].metrics()) == rows_before, "nothing trained after the refusal"
+
+    # 3. The file-triggered checkpoint the newest on every node: each resumes from it and repeats the losses.
+    for out in outs:
+        for info in list_checkpoints(out):
+            if info.step > step:
+                shutil.rmtree(info.path)
     second = nodes(outs, config, ("--resume-from-checkpoint", "latest"))
     finish(second)
     for machine, run in enumerate(second):
@@ -134,39 +162,19 @@ def test_output_dir_per_node_with_save_on_each_node(nodes: Nodes, tmp_path: Path
     assert all(resumed[s] == reference[s] for s in resumed), "resumed losses differ"
 
 
-def test_nodes_that_hold_different_latest_checkpoints_refuse_to_resume(nodes: Nodes, tmp_path: Path) -> None:
+def test_an_output_dir_that_does_not_match_save_on_each_node_is_refused_at_start(nodes: Nodes, tmp_path: Path) -> None:
+    """Found at start-up, before any step, instead of at the first save: every node exits 2 with the reason.
+
+    One directory per node without ``save_on_each_node``, launched; the check itself, with both wrong layouts
+    (a shared directory with ``save_on_each_node`` too) and both right ones, runs in process on thread ranks in
+    tests/test_output_dir_layout.py.
+    """
     outs = [tmp_path / "node0", tmp_path / "node1"]
-    config = {**DATA, "save_steps": 10, "save_on_each_node": True, "dynamic_checkpoint": {"enabled": False}}
-    finish(nodes(outs, config))
-    assert [c.step for c in list_checkpoints(outs[1])] == [10, 20]
-    shutil.rmtree(checkpoint_path(outs[1], 20))  # node 1 lost its newest checkpoint
-
-    second = nodes(outs, config, ("--resume-from-checkpoint", "latest"))
-    finish(second, expect=1)  # torchrun's status when a worker failed; the worker's own is 2
-    for run in second:
-        assert "ranks found different checkpoints for 'latest' (steps 10 to 20)" in run.log(), run.log_tail()
-        assert "exitcode  : 2" in run.log()
-    assert len(second[0].metrics()) == 20, "nothing trained after the refusal"
-
-
-@pytest.mark.parametrize("layout", ["shared dir, save_on_each_node", "dir per node, no save_on_each_node"])
-def test_an_output_dir_that_does_not_match_save_on_each_node_is_refused_at_start(
-    nodes: Nodes, tmp_path: Path, layout: str
-) -> None:
-    """Found at start-up, before any step, instead of at the first save: every node exits 2 with the reason."""
-    if layout.startswith("shared"):
-        outs = [tmp_path / "shared"] * 2
-        config: dict[str, Any] = {**DATA, "save_on_each_node": True}
-        reason = "is shared between machines"
-    else:
-        outs = [tmp_path / "node0", tmp_path / "node1"]
-        config = {**DATA}
-        reason = "is not shared between machines"
-    runs = nodes(outs, config)
+    runs = nodes(outs, {**DATA})
     finish(runs, expect=1)  # accelerate's launcher reports the ranks' status 2 as 1
     for run in runs:
-        assert reason in run.log(), run.log_tail()
+        assert "is not shared between machines" in run.log(), run.log_tail()
         assert run.last_step() == 0, "no step ran"
-    for out in set(outs):
+    for out in outs:
         assert list_checkpoints(out) == []
         assert not [p for p in out.iterdir() if p.name.startswith(".ckptbus-")], "the probe was removed"
