@@ -8,7 +8,7 @@ your own keeps.
 
 from ._bus import SIGNAL_NAMES, Bus, Subscription
 from ._config import CheckpointConfig, DynamicCheckpointConfig, load_config
-from ._errors import CheckpointError, CkptbusError, ConfigError, SetupError
+from ._errors import CheckpointError, CkptbusError, ConfigError, RankFailure, SetupError
 from ._eventlog import EventLog
 from ._events import ReceiverFailed, SaveCompleted, SaveFailed, SaveKind, SaveRequested, SaveStarted
 from ._layout import CheckpointInfo, Manifest, checkpoint_path, latest_full, list_checkpoints, read_checkpoint
@@ -25,6 +25,7 @@ __all__ = [
     "DynamicCheckpointConfig",
     "EventLog",
     "Manifest",
+    "RankFailure",
     "ReceiverFailed",
     "RunInfo",
     "SaveCompleted",

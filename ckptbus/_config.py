@@ -70,9 +70,11 @@ SignalAction = Literal["weights_exit", "full_exit", "full_continue", "none"]
 SIGNAL_ACTIONS: tuple[SignalAction, ...] = typing.get_args(SignalAction)
 
 OnSaveFailure = Literal["continue", "stop"]
+OnError = Literal["full", "weights", "none"]
 """What training does after a save failed on any rank: go on (the default) or stop on every rank."""
 
 ON_SAVE_FAILURE: tuple[OnSaveFailure, ...] = typing.get_args(OnSaveFailure)
+ON_ERROR: tuple[OnError, ...] = typing.get_args(OnError)
 
 Verify = Literal["full", "sizes", "off"]
 """What resume checks before loading a checkpoint: every file's size and content digest, sizes only, or nothing."""
@@ -189,6 +191,11 @@ class DynamicCheckpointConfig:
     """After a save that failed (on any rank; every rank agrees): ``continue`` training, or ``stop`` every
     rank at that step (``train.py`` then exits with status 1). See docs/resume.md."""
 
+    on_error: OnError = "full"
+    """When training raises, or a rank dies: the ranks still alive save a ``full`` checkpoint (or ``weights``) of
+    the last step every rank completed, on their own, then the exception goes on; ``none`` saves nothing.
+    Under replicated state (DDP, one process) on one machine; see docs/crash.md."""
+
     async_save: bool = False
     """Full saves hold training only while every rank copies the state into host memory; a background thread
     writes the files and the checkpoint is committed at a later step, once every rank finished writing. Off:
@@ -259,6 +266,12 @@ class DynamicCheckpointConfig:
             "dynamic_checkpoint.on_save_failure",
             self.on_save_failure,
             " or ".join(repr(a) for a in ON_SAVE_FAILURE),
+        )
+        _check(
+            self.on_error in ON_ERROR,
+            "dynamic_checkpoint.on_error",
+            self.on_error,
+            " or ".join(repr(a) for a in ON_ERROR),
         )
         _check(
             self.verify in VERIFY,

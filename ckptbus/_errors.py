@@ -5,8 +5,9 @@ The hierarchy, in full::
     CkptbusError                 base of everything ckptbus raises on purpose
     ├── ConfigError              a configuration key has a bad name, type or value
     ├── CheckpointError          a checkpoint on disk is missing, incomplete or of the wrong kind
-    └── SetupError               ckptbus was wired to a run it cannot serve (for example,
-                                 accelerate and torch.distributed disagree about the world size)
+    ├── SetupError               ckptbus was wired to a run it cannot serve (for example,
+    │                            accelerate and torch.distributed disagree about the world size)
+    └── RankFailure              a rank died or raised, so training cannot go on (says what was saved)
 
 Every message names the problem and says what to do about it.
 """
@@ -28,3 +29,8 @@ class CheckpointError(CkptbusError):
 
 class SetupError(CkptbusError, RuntimeError):
     """ckptbus was attached to a run it cannot serve correctly."""
+
+
+class RankFailure(CkptbusError):
+    """A rank died or stopped voting, so training cannot go on; the message says who, how, and what the ranks
+    still alive saved (docs/crash.md)."""

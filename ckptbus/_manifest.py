@@ -60,6 +60,10 @@ class Manifest:
     write_seconds: float = 0.0
     """Time to persist: from the start of writing the files to the commit, fsync included (the slowest rank)."""
     format: int = MANIFEST_FORMAT
+    failure: dict[str, Any] | None = None
+    """Only in a checkpoint the surviving ranks wrote after a failure: ``ranks`` (those that failed), ``how``
+    (each one's line), ``survivors``, ``error`` (the exception, if one was raised), ``exact`` (whether every
+    rank's RNG state is of this step, so a resume repeats an uninterrupted run exactly)."""
 
     @property
     def on_demand(self) -> bool:
@@ -68,7 +72,10 @@ class Manifest:
 
     def to_json(self) -> str:
         """The manifest as written to disk: indented JSON, keys sorted, one newline at the end."""
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        fields = asdict(self)
+        if fields["failure"] is None:
+            del fields["failure"]  # (only rescued checkpoints say it)
+        return json.dumps(fields, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: Any) -> Manifest:
@@ -91,6 +98,7 @@ class Manifest:
                 stall_seconds=float(data.get("stall_seconds", 0.0)),
                 write_seconds=float(data.get("write_seconds", 0.0)),
                 format=int(data.get("format", MANIFEST_FORMAT)),
+                failure=dict(data["failure"]) if data.get("failure") is not None else None,
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CheckpointError(f"manifest field missing or malformed: {exc}") from None

@@ -28,6 +28,7 @@ imports the runtime. Sinks are checked when the runtime is built
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -53,6 +54,9 @@ class SaveRecord:
     world_size: int
     labels: tuple[str, ...] = ()
     request_ids: tuple[str, ...] = ()
+    failure: Mapping[str, Any] | None = None
+    """For a checkpoint written after a failure (:meth:`Sink.rescue`): which ranks failed and how, which survived,
+    and whether it resumes exactly (the manifest's ``failure``); None for every other save."""
 
     @classmethod
     def of(cls, decision: Decision, world_size: int) -> SaveRecord:
@@ -76,6 +80,7 @@ class SaveRecord:
             "world_size": self.world_size,
             "labels": list(self.labels),
             "request_ids": list(self.request_ids),
+            **({"failure": dict(self.failure)} if self.failure is not None else {}),
         }
 
 
@@ -136,14 +141,30 @@ class Sink(Protocol):
 
     def abandon(self) -> None: ...
 
+    def rank_state(self) -> bytes:
+        """This rank's own small state at this step boundary (its RNG states: what a resume needs of each rank
+        besides the replicated state), kept by the runtime where the other ranks can read it after this rank
+        died (plugins/rank_mirror.py). Called at every step boundary: it must cost microseconds."""
+        ...
+
+    def rescue_unsupported(self) -> str | None:
+        """Why this rank cannot write a checkpoint alone now (None if it can): state sharded over the ranks, or
+        held between two steps."""
+        ...
+
+    def rescue(self, record: SaveRecord, rank_states: Mapping[int, bytes]) -> Outcome:
+        """Write and commit the checkpoint of ``record.step`` alone, with no collective (a rank failed): the
+        replicated state from this rank, each rank's own state from ``rank_states`` (what :meth:`rank_state`
+        returned on that rank at that step)."""
+        ...
+
+
+SINK_METHODS = ("start", "plan", "execute", "begin", "poll", "abandon", "rank_state", "rescue_unsupported", "rescue")
+
 
 def check_sink(sink: object) -> Sink:
     """``sink`` if it keeps the :class:`Sink` contract; raises :class:`~ckptbus.SetupError` naming what is missing."""
-    missing = [
-        name
-        for name in ("start", "plan", "execute", "begin", "poll", "abandon")
-        if not callable(getattr(sink, name, None))
-    ]
+    missing = [name for name in SINK_METHODS if not callable(getattr(sink, name, None))]
     if missing:
         raise SetupError(
             f"sink {sink!r} is not a sink: it has no {', '.join(missing)} method "

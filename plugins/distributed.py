@@ -24,6 +24,7 @@ from ckptbus import SetupError
 from ckptbus._coordinator import VOTE_LENGTH
 from ckptbus._names import PROBE_PREFIX
 
+from .rank_mirror import mirror_bytes
 from .shared_votes import SharedVotes
 
 logger = logging.getLogger("ckptbus")
@@ -282,7 +283,10 @@ def open_votes(
     otherwise through ``collective`` kept off the GPU
     (:meth:`TorchExchange.on_host`). The main process logs which.
     """
-    shared = SharedVotes.open(rank, collective.world_size, length, collective)
+    # With room for the ranks' mirror (plugins/rank_mirror.py): what survivors need of a rank that dies.
+    shared = SharedVotes.open(
+        rank, collective.world_size, length, collective, extra_bytes=mirror_bytes(collective.world_size)
+    )
     if collective.world_size > 1 and rank == 0:
         channel = "shared memory" if shared is not None else "collective"
         logger.info("ckptbus: the %d ranks vote through %s", collective.world_size, channel)

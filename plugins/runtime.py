@@ -303,8 +303,10 @@ class Runtime:
         try:
             return self._step_boundary(step, force=force, framework_saves=framework_saves)
         except Exception as exc:
-            line = self.fail(exc)
-            if isinstance(exc, SharedVotesError) and line is not None:
+            # A vote that found a rank gone, or saying it failed, is the echo of that rank's failure, not this one's.
+            found_gone = isinstance(exc, SharedVotesError)
+            line = self._fail(exc, echo=found_gone)
+            if found_gone and line is not None:
                 raise RankFailure(line) from exc
             raise
 
@@ -671,14 +673,17 @@ class Runtime:
         :meth:`abort`. No collective. Returns the line that says who failed and what was saved (logged once), or
         None (not running, or not an ``Exception``: a ``KeyboardInterrupt`` or ``SystemExit`` asks to leave now).
         Safe to call twice."""
+        return self._fail(error, echo=False)
+
+    def _fail(self, error: BaseException, *, echo: bool) -> str | None:
         if not self.running:
             self._release_output_dir()
             return None
-        line = self._rescue(error) if isinstance(error, Exception) else None
+        line = self._rescue(None if echo else error) if isinstance(error, Exception) else None
         self.abort(f"training stopped with {type(error).__name__}")
         return line
 
-    def _rescue(self, error: Exception) -> str:
+    def _rescue(self, error: Exception | None) -> str:
         flight, self._in_flight = self._in_flight, None
         if flight is not None:  # never committed: its staging stays invisible (the rescue may reuse its name)
             self.sink.abandon()

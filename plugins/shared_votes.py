@@ -43,7 +43,7 @@ import secrets
 import struct
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Protocol
 
@@ -98,6 +98,8 @@ class SharedVotes:
         self._sent = 0  # sequence number of this rank's last vote
         self._data = struct.Struct(f"<{length}q")
         self._pids: list[int] = []
+        self.peer_failure: Callable[[int], str | None] | None = None
+        """Asked while waiting for a rank's vote: why that rank will never vote (it raised and said so), or None."""
 
     # -- set-up -------------------------------------------------------------
 
@@ -111,6 +113,7 @@ class SharedVotes:
         *,
         directory: str | None = None,
         timeout: timedelta | None = None,
+        extra_bytes: int = 0,
     ) -> SharedVotes | None:
         """Collective (every rank calls it): the shared votes of this run, or None where ranks cannot share them.
 
@@ -120,6 +123,8 @@ class SharedVotes:
         not vote; by default that of the process group (30 minutes unless the
         run set another), so a long evaluation on one rank is no more fatal
         than with a collective.
+        ``extra_bytes``: room after the votes for the ranks' mirror
+        (plugins/rank_mirror.py), at :attr:`extra_offset`, zeroed.
         """
         if world_size < 2:
             return None
@@ -131,7 +136,7 @@ class SharedVotes:
             logger.warning("ckptbus: %s=%r is neither 'auto' nor 'collective'; using 'auto'", VOTES_ENV, wanted)
         if exchange([int(wanted == "collective")])[0]:
             return None
-        size = _file_words(world_size, length) * _WORD.size
+        size = _file_words(world_size, length) * _WORD.size + extra_bytes
         name = [""]
         fd = -1
         problem = ""
@@ -175,10 +180,25 @@ class SharedVotes:
     def _learn_peers(self) -> str:
         pids = [self._read_word(_TOKEN_WORDS + r) for r in range(self.world_size)]
         for r, pid in enumerate(pids):
-            if pid <= 0 or not _process_exists(pid):
+            if pid <= 0 or not process_exists(pid):
                 return f"rank {r}'s process ({pid}) is not visible from rank {self.rank} (another machine or container)"
         self._pids = pids
         return ""
+
+    @property
+    def fd(self) -> int:
+        """The shared file (for the mirror in its extra bytes); -1 once closed."""
+        return self._fd
+
+    @property
+    def extra_offset(self) -> int:
+        """Where the extra bytes asked for at :meth:`open` begin."""
+        return _file_words(self.world_size, self.length) * _WORD.size
+
+    @property
+    def pids(self) -> list[int]:
+        """The process of every rank, in rank order."""
+        return list(self._pids)
 
     # -- votes --------------------------------------------------------------
 
@@ -247,7 +267,10 @@ class SharedVotes:
         pid = self._read_word(_TOKEN_WORDS + rank)
         if pid == _CLOSED:
             raise SharedVotesError(f"rank {rank} left the run before its vote {number} (it closed its checkpointing)")
-        if not _process_exists(self._pids[rank]):
+        failure = self.peer_failure(rank) if self.peer_failure is not None else None
+        if failure is not None:
+            raise SharedVotesError(f"{failure}; its vote {number} will never come")
+        if not process_exists(self._pids[rank]):
             raise SharedVotesError(f"rank {rank} (pid {self._pids[rank]}) is gone; its vote {number} never came")
 
     # -- file layout --------------------------------------------------------
@@ -290,7 +313,7 @@ def _token_ints(fd: int) -> list[int]:
     return [int(_WORD.unpack_from(raw, i * _WORD.size)[0]) for i in range(_TOKEN_WORDS)]
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
     """Whether ``pid`` runs: a process that exited but was not reaped yet (a zombie) does not."""
     try:
         os.kill(pid, 0)
@@ -306,4 +329,4 @@ def _process_exists(pid: int) -> bool:
     return state not in (b"Z", b"X")
 
 
-__all__ = ["RING", "VOTES_ENV", "SharedVotes", "SharedVotesError", "shared_memory_dir"]
+__all__ = ["RING", "VOTES_ENV", "SharedVotes", "SharedVotesError", "process_exists", "shared_memory_dir"]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,7 @@ from ckptbus import (
     Bus,
     CheckpointConfig,
     DynamicCheckpointConfig,
+    RankFailure,
     RunInfo,
     SaveCompleted,
     SaveFailed,
@@ -158,6 +159,21 @@ class RecordingSink:
     def abandon(self) -> None:
         self.calls.append(Call("abandon", self._flight[0].step if self._flight else -1))
         self._flight = None  # no collective; the staging directory stays until the next start (as the real sinks)
+
+    def rank_state(self) -> bytes:
+        return f"rank {self.ranks.rank} state".encode()
+
+    def rescue_unsupported(self) -> str | None:
+        return None
+
+    def rescue(self, record: SaveRecord, rank_states: Mapping[int, bytes]) -> Outcome:
+        self.calls.append(Call("rescue", record.step))
+        commit = RenameCommit(self.output_dir, record.step)
+        commit.create()
+        for rank, state in rank_states.items():
+            (commit.directory / f"rank-{rank}.txt").write_bytes(state)
+        commit.finalize(record, dict, {}, read_back=True)
+        return Written(commit.final)
 
     # -- helpers ---------------------------------------------------------------------------------------------------
 
@@ -1000,3 +1016,72 @@ def test_start_refuses_ranks_whose_sources_declare_different_reasons_on_every_ra
 
 def test_start_refuses_ranks_whose_sources_differ_in_urgency(tmp_path: Path) -> None:
     _start_refused(tmp_path, lambda rank: (Quiet(urgent=True),) if rank == 0 else ())
+
+
+# -- a rank fails: the ranks still alive save on their own (plugins/rescue.py; end to end: test_crash_rescue.py) ----
+
+
+def test_an_error_on_every_rank_drops_the_async_save_in_flight_and_saves_the_last_step_once(
+    ranks_of: Callable[..., list[RankRun]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(VOTES_ENV)  # the rescue needs the shared file the votes go through
+    lines: dict[int, str | None] = {}
+
+    def body(run: RankRun) -> None:
+        train(run, range(1, 5), {2: on_rank(run, 0, run.runtime.request)})  # begun at 2, its writers never end
+        lines[run.rank] = run.runtime.fail(ValueError("loss is NaN"))
+        assert not run.runtime.running
+
+    runs = ranks_of(2, body, sink=lambda rank: RecordingSink("async"), check_interval=2)
+    assert all(("SaveFailed", 2, 4) in run.seen() for run in runs), "the save in flight was not made visible"
+    writers = [run for run in runs if ("rescue", 4) in run.methods()]
+    assert len(writers) == 1, [run.methods() for run in runs]
+    assert writers[0].seen()[-2:] == [("SaveStarted", 4, 4), ("SaveCompleted", 4, 4)]
+    # The abandoned save's staging stays, never listed, until the next start removes it (as after any abort).
+    assert committed_or_staging(tmp_path) == ([4], True)
+    manifest = read_checkpoint(tmp_path / "checkpoint-4").manifest
+    assert manifest.reason == "error", manifest and manifest.failure is not None
+    assert manifest.failure["ranks"] == [0, 1] and manifest.failure["error"] == "ValueError: loss is NaN"
+    assert (tmp_path / "checkpoint-4" / "rank-1.txt").read_text() == "rank 1 state", "each rank's own state"
+    assert lines[0] == lines[1] and lines[0] is not None and "saved a full checkpoint of step 4" in lines[0]
+
+
+class RaisesOnRank:
+    """A user's trigger source whose ``poll`` raises on one rank at one step (training raised there, alone)."""
+
+    def __init__(self, rank: int, step: int) -> None:
+        self.rank, self.step, self.mine = rank, step, False
+
+    def start(self, bus: Bus, run: RunInfo) -> None:
+        self.mine = run.rank == self.rank
+
+    def poll(self, step: int) -> None:
+        if self.mine and step == self.step:
+            raise RuntimeError("CUDA out of memory")
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_rank_that_raises_alone_ends_the_vote_of_the_others_with_a_rank_failure_naming_the_checkpoint(
+    ranks_of: Callable[..., list[RankRun]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(VOTES_ENV)
+    raised: dict[int, BaseException] = {}
+
+    def body(run: RankRun) -> None:
+        with pytest.raises((RankFailure, RuntimeError)) as failure:
+            train(run, range(1, 5))  # rank 1 raises at step 2; rank 0's vote there learns it will never vote
+        raised[run.rank] = failure.value
+
+    ranks_of(2, body, check_interval=2, sources=lambda rank: (RaisesOnRank(1, 2),))
+    assert type(raised[1]) is RuntimeError, "the rank that raised keeps its own exception"
+    assert isinstance(raised[0], RankFailure), raised[0]
+    assert committed(tmp_path) == [2]
+    message = str(raised[0])
+    assert message.startswith("training failed: rank 1 (pid ") and "raised RuntimeError: CUDA out of memory" in message
+    assert f"saved a full checkpoint of step 2 in {tmp_path / 'checkpoint-2'}" in message
+    manifest = read_checkpoint(tmp_path / "checkpoint-2").manifest
+    assert manifest.reason == "rank_failure" and manifest.failure is not None
+    assert manifest.failure["ranks"] == [1] and manifest.failure["survivors"] == [0]
+    assert manifest.failure["exact"] is True

@@ -161,4 +161,6 @@ class DynamicCheckpoint(RunControls):
         if exc is None:
             self.close()
         else:
-            self.abort(f"training stopped with {exc_type.__name__ if exc_type else 'an error'}")
+            # The ranks still alive save the last step boundary (dynamic_checkpoint.on_error), then the exception
+            # goes on: the traceback stays the user's.
+            self._runtime.fail(exc)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +54,7 @@ from ckptbus._sink import NotWritten, Outcome, SaveMode, SaveRecord, Written
 from ..distributed import Ranks, StageFailed
 from .async_writer import HostSnapshot, WriteJob, async_unsupported, plan_writers
 from .errors import describe_write_error, free_bytes
+from .rescue_writer import encode_rank_state, write_alone
 from .torch_save_crc import torch_save_crc32
 from .weights import save_weights
 from .writer_process import ProcessWriteJob
@@ -123,6 +125,9 @@ class AccelerateSink:
         read back by the committer); or all read back; or none. Only benchmarks change it, to measure it."""
         self.hash_wait_seconds = 0.0
         """How long synchronous saves waited for their digests, in all (a diagnostic the benchmarks read)."""
+        self._between_steps = False  # an optimizer stepped since the last step boundary (see rescue_unsupported)
+        self._step_hooks: list[Any] = []
+        self._abandoned: WriteJob | ProcessWriteJob | None = None
 
     # -- the contract ---------------------------------------------------------
 
@@ -140,6 +145,14 @@ class AccelerateSink:
         if ranks.committer:
             for leftover in clean_leftovers(output_dir):
                 logger.warning("ckptbus: removed %s, left by a save that was interrupted", leftover)
+        for hook in self._step_hooks:
+            hook.remove()
+
+        def stepped(*_: Any) -> None:
+            self._between_steps = True
+
+        # On the torch optimizer inside accelerate's wrapper: its step() runs only when gradients are synced.
+        self._step_hooks = [getattr(o, "optimizer", o).register_step_pre_hook(stepped) for o in self._optimizers()]
 
     def plan(self, decision: Decision) -> tuple[Decision, SaveMode]:
         """Full saves are asynchronous with ``async_save`` where the run allows it (checked at each save: a
@@ -249,6 +262,50 @@ class AccelerateSink:
         flight, self._async = self._async, None
         if flight is not None:
             flight.remove_hooks()
+            self._abandoned = flight.job  # a rescue of the same step waits for it (see rescue)
+
+    # -- a rank failed (plugins/rescue.py) --------------------------------------
+
+    def rank_state(self) -> bytes:
+        """This rank's RNG states at this step boundary (plugins/saving/rescue_writer.py)."""
+        self._between_steps = False
+        return encode_rank_state(self.accelerator)
+
+    def rescue_unsupported(self) -> str | None:
+        """Why this rank cannot write a checkpoint of its last step boundary alone (None: it can)."""
+        why = self.async_unsupported()
+        if why is not None:
+            return f"{why}: the state is sharded over the ranks, and a failed rank's part is gone with it"
+        if self._between_steps:
+            return "it failed after an optimizer step and before the step boundary: its state is of neither step"
+        return None
+
+    def rescue(self, record: SaveRecord, rank_states: Mapping[int, bytes]) -> Outcome:
+        """Write and commit ``record`` alone (no collective): replicated state from here, RNG states of every rank
+        from ``rank_states``. An asynchronous save of this rank abandoned just before is waited for first (its
+        writer may still write into a staging directory of the same name)."""
+        job, self._abandoned = self._abandoned, None
+        if job is not None:
+            job.give_up("a rank failed; the surviving ranks save on their own")
+            job.wait(10.0)
+        commit = RenameCommit(self.output_dir, record.step)
+        started = time.perf_counter()
+        try:
+            commit.create()
+            digests = write_alone(self.accelerator, self.model(), commit.directory, record.kind, rank_states)
+
+            def timings() -> dict[str, float]:
+                seconds = round(time.perf_counter() - started, 3)
+                return {"seconds": seconds, "stall_seconds": seconds, "write_seconds": seconds}
+
+            manifest = commit.finalize(record, timings, digests, read_back=True)
+        except Exception as exc:
+            commit.discard()
+            return NotWritten(describe_write_error(exc, commit.directory) or f"{type(exc).__name__}: {exc}")
+        return Written(commit.final, manifest.bytes, manifest.stall_seconds, manifest.write_seconds)
+
+    def _optimizers(self) -> list[Any]:
+        return list(getattr(self.accelerator, "_optimizers", []))
 
     # -- what the adapter and benchmarks read ---------------------------------------
 

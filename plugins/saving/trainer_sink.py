@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,14 @@ class TrainerSink:
         """Forget the save asked for (no collective); the settings it switched are put back."""
         self._asked = None
         self._settings.close()
+
+    # -- a rank failed: the Trainer writes its own checkpoints, on every rank --------------------------------
+
+    def rank_state(self) -> bytes:
+        return b""
+
+    def rescue_unsupported(self) -> str | None:
+        return "the Trainer writes its checkpoints itself, on every rank, so the ranks still alive cannot write one"
+
+    def rescue(self, record: SaveRecord, rank_states: Mapping[int, bytes]) -> Outcome:
+        raise NotImplementedError(self.rescue_unsupported())
