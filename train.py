@@ -32,7 +32,7 @@ from ckptbus.plugins.integrations.startup_checks import (
     refuse,
 )
 
-from ckptbus import CheckpointConfig, CkptbusError, ConfigError, SetupError, load_config
+from ckptbus import CheckpointConfig, CkptbusError, ConfigError, RankFailure, SetupError, load_config
 from ckptbus._names import METRICS_NAME
 
 # torch, transformers and accelerate take seconds to import. Each function that needs them imports them, and
@@ -417,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         code = train(ckpt_cfg, cfg, show_commands=args.show_commands)
+    except RankFailure:
+        return 1  # another rank failed; ckptbus logged what was saved (docs/crash.md)
     except CkptbusError as exc:
         logger.error("%s", exc)
         return 2
