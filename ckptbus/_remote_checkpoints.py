@@ -29,9 +29,9 @@ from typing import Final
 from ._contained import MAX_MANIFEST_BYTES, name_problem
 from ._errors import CheckpointError
 from ._fsync import fsync_path, fsync_tree
-from ._layout import CheckpointInfo, checkpoint_path, prepare_staging, read_checkpoint
+from ._layout import CheckpointInfo, checkpoint_path, read_checkpoint
 from ._manifest import Manifest
-from ._names import MANIFEST_NAME
+from ._names import CHECKPOINT_PREFIX, MANIFEST_NAME, STAGING_PREFIX
 from ._object_store import ObjectStore, ObjectStoreError, Progress
 from ._remote_url import RemoteDir, step_of_folder
 
@@ -241,7 +241,14 @@ def download_checkpoint(
     damaged one (the staging directory is removed), :class:`ObjectStoreError` for a failed request."""
     manifest = checkpoint.manifest
     remote, step = checkpoint.remote, checkpoint.step
-    staging = prepare_staging(output_dir, step)
+    # A name of this process's own: ranks that resolve on their own (the Trainer callback before its ranks are
+    # known) may download the same checkpoint at once; the first rename wins and the others use its copy.
+    staging = (
+        Path(output_dir) / f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step}-download-{os.getpid()}-{threading.get_ident()}"
+    )
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
     lock = threading.Lock()
     made: set[Path] = set()
 
@@ -275,14 +282,31 @@ def download_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     final = checkpoint_path(output_dir, step)
+    if _same_checkpoint(final, checkpoint):  # another process of this run downloaded it first
+        shutil.rmtree(staging, ignore_errors=True)
+        return read_checkpoint(final)
     if final.exists() or final.is_symlink():
         # Whatever is there did not pass (resume came here instead): kept aside, never deleted.
         aside = final.parent / f"{final.name}.orphaned-{time.time_ns()}"
         logger.warning("ckptbus: %s is replaced by %s; moved it to %s and kept it", final, checkpoint.url, aside)
         os.rename(final, aside)
-    os.rename(staging, final)
+    try:
+        os.rename(staging, final)
+    except OSError:
+        if not _same_checkpoint(final, checkpoint):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)  # renamed into place by another process meanwhile
     fsync_path(final.parent, directory=True)
     return read_checkpoint(final)
+
+
+def _same_checkpoint(final: Path, checkpoint: RemoteCheckpoint) -> bool:
+    """Whether ``final`` is a complete checkpoint with exactly ``checkpoint``'s manifest."""
+    try:
+        read_checkpoint(final)
+        return (final / MANIFEST_NAME).read_bytes() == checkpoint.manifest_bytes
+    except (CheckpointError, OSError):
+        return False
 
 
 # -- verification --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ unreachable endpoint).
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -289,3 +290,20 @@ def test_probe_refuses_a_missing_bucket_wrong_credentials_and_an_unreachable_end
     assert "cannot reach the object store" in str(error) and error.transient
     assert "\n" not in str(error)
     assert os.environ["AWS_ENDPOINT_URL"] == bucket.server.endpoint, "the environment is restored"
+
+
+def test_processes_that_download_the_same_checkpoint_at_once_share_one_copy(bucket: Bucket, tmp_path: Path) -> None:
+    """Ranks that resolve on their own (the Trainer callback before its ranks are known) download into one
+    output_dir at the same time: each gets the one complete copy, nothing is moved aside."""
+    info = make_checkpoint(tmp_path / "src", 4, {**SMALL, "optimizer.bin": PART_BYTES + 1})
+    store = bucket.store()
+    try:
+        upload_checkpoint(store, info)
+        (checkpoint,) = scan_remote(store)[0]
+        out = tmp_path / "shared"
+        with ThreadPoolExecutor(3) as pool:
+            copies = list(pool.map(lambda _: download_checkpoint(store, checkpoint, out), range(3)))
+    finally:
+        store.close()
+    assert {c.path for c in copies} == {out / "checkpoint-4"}
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"], "no staging left, nothing moved aside"
