@@ -14,20 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runs import TrainingRun
+from runs import TWELVE_STEPS, TrainingRun
 
 pytestmark = pytest.mark.slow
 
-MAX_STEPS = 12
-WARMUP_STEPS = 4
-PEAK = 1e-3
-SAVED_AT = 6
-SCHEDULE: dict[str, Any] = {
-    "max_steps": MAX_STEPS,
-    "warmup_steps": WARMUP_STEPS,
-    "learning_rate": PEAK,
-    "save_steps": SAVED_AT,
-}
+SCHEDULE: dict[str, Any] = TWELVE_STEPS  # the 2-rank run is tests/test_parallel_writers.py's synchronous one too
+MAX_STEPS = SCHEDULE["max_steps"]
+WARMUP_STEPS = SCHEDULE["warmup_steps"]
+PEAK = SCHEDULE["learning_rate"]
+SAVED_AT = SCHEDULE["save_steps"]
 EXIT_TIMEOUT = 300.0  # a dozen steps; the rest is starting up, on two busy cores
 
 
@@ -45,10 +40,10 @@ def lr_by_step(run: TrainingRun) -> dict[int, float]:
 
 
 def test_the_learning_rate_of_every_step_does_not_depend_on_the_number_of_ranks(
-    tmp_path: Path, launch: Callable[..., TrainingRun]
+    tmp_path: Path, launch: Callable[..., TrainingRun], shared_run: Callable[..., TrainingRun]
 ) -> None:
     one = launch(processes=1, name="one", config={**SCHEDULE, "output_dir": str(tmp_path / "one")})
-    two = launch(processes=2, name="two", config={**SCHEDULE, "output_dir": str(tmp_path / "two")})
+    two = shared_run(processes=2, config=SCHEDULE)  # finished when it returns
     on_one, on_two = lr_by_step(one), lr_by_step(two)
     assert on_one == pytest.approx({step: expected_lr(step) for step in range(1, MAX_STEPS + 1)}, rel=1e-9, abs=0)
     assert on_two == on_one
@@ -60,7 +55,7 @@ def test_the_learning_rate_of_every_step_does_not_depend_on_the_number_of_ranks(
         config={
             **SCHEDULE,
             "output_dir": str(tmp_path / "resumed"),
-            "resume_from_checkpoint": str(tmp_path / "two" / f"checkpoint-{SAVED_AT}"),
+            "resume_from_checkpoint": str(two.output_dir / f"checkpoint-{SAVED_AT}"),
         },
     )
     assert lr_by_step(resumed) == {step: lr for step, lr in on_two.items() if step > SAVED_AT}

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from runs import TrainingRun
+from runs import TWELVE_STEPS, TrainingRun
 
 from ckptbus import list_checkpoints
 from ckptbus._digest import digest_file
@@ -36,9 +36,9 @@ def test_the_plan_balances_bytes_largest_first_and_is_the_same_everywhere() -> N
     [{"async_save": False}, {"async_save": True}, {"async_save": True, "async_writer": "process"}],
     ids=["sync", "async-thread", "async-process"],
 )
-def test_every_file_of_a_full_save_is_digested_as_written(launch: Any, dyn: dict[str, Any]) -> None:
-    run: TrainingRun = launch(processes=2, config={"max_steps": 12, "save_steps": 6, "dynamic_checkpoint": dyn})
-    assert run.wait_exit() == 0, run.log_tail()
+def test_every_file_of_a_full_save_is_digested_as_written(shared_run: Any, dyn: dict[str, Any]) -> None:
+    # The synchronous run is tests/test_lr_schedule.py's 2-rank run: shared_run does it once for both.
+    run: TrainingRun = shared_run(processes=2, config={**TWELVE_STEPS, "dynamic_checkpoint": dyn})
     checkpoints = list_checkpoints(run.output_dir)
     assert [c.step for c in checkpoints] == [6, 12], run.log_tail()
     for info in checkpoints:
