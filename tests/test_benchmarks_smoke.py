@@ -31,9 +31,10 @@ PLOTS = {"overhead", "save_stall", "latency", "scale"}
 """Draw a PNG beside their JSON."""
 SAVES_OPTION = {"save_stall": "--dir", "digest_cost": "--dir", "sharded_save": "--dir", "scale": "--work"}
 """The option that says where a benchmark writes its checkpoints (into the test's temporary directory here)."""
-BENCHMARKS = sorted([*LAUNCHED, "latency", "cli_startup", "scale", "sharded_save"])
-NOT_BENCHMARKS = {"__init__", "output", "plots", "run_all", "scale_worker"}
-"""Modules of benchmarks/ that measure nothing themselves (scale_worker runs under scale)."""
+BENCHMARKS = sorted([*LAUNCHED, "latency", "cli_startup", "scale", "sharded_save", "crash_rescue"])
+NOT_BENCHMARKS = {"__init__", "output", "plots", "run_all", "scale_worker", "crash_rescue_dying", "crash_rescue_copy"}
+"""Modules of benchmarks/ that measure nothing themselves (scale_worker runs under scale, the crash_rescue_ ones
+under crash_rescue)."""
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:
