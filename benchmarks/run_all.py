@@ -37,6 +37,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("content digests: a synchronous save with and without them", launch("digest_cost")),
     ("scale: save time, stall and bytes by model size and world size", python("scale")),
     ("crash rescue: a rank dies, time to the survivors' checkpoint; the per-step copy", python("crash_rescue")),
+    ("object storage: a checkpoint's upload, ckptbus against plain boto3", python("remote_upload")),
 ]
 
 

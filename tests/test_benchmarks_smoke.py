@@ -31,7 +31,7 @@ PLOTS = {"overhead", "save_stall", "latency", "scale"}
 """Draw a PNG beside their JSON."""
 SAVES_OPTION = {"save_stall": "--dir", "digest_cost": "--dir", "sharded_save": "--dir", "scale": "--work"}
 """The option that says where a benchmark writes its checkpoints (into the test's temporary directory here)."""
-BENCHMARKS = sorted([*LAUNCHED, "latency", "cli_startup", "scale", "sharded_save", "crash_rescue"])
+BENCHMARKS = sorted([*LAUNCHED, "latency", "cli_startup", "scale", "sharded_save", "crash_rescue", "remote_upload"])
 NOT_BENCHMARKS = {"__init__", "output", "plots", "run_all", "scale_worker", "crash_rescue_dying", "crash_rescue_copy"}
 """Modules of benchmarks/ that measure nothing themselves (scale_worker runs under scale, the crash_rescue_ ones
 under crash_rescue)."""
