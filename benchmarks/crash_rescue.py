@@ -117,7 +117,9 @@ def trial(workdir: Path, how: str, args: argparse.Namespace) -> dict[str, Any]:
     if code == 0 or not died_at.exists():
         raise SystemExit(f"--fail {spec}: the run exited {code} without rank 1 failing:\n{tail(log)}")
     died = float(died_at.read_text(encoding="utf-8"))
-    events = [json.loads(line) for line in (output_dir / "ckptbus-events.jsonl").read_text().splitlines() if line]
+    log_file = output_dir / "ckptbus-events.jsonl"
+    lines = log_file.read_text(encoding="utf-8").splitlines() if log_file.exists() else []
+    events = [json.loads(line) for line in lines if line]
     committed = [e for e in events if e["event"] == "SaveCompleted" and e.get("reasons") == ["rank_failure"]]
     checkpoints = sorted(output_dir.glob("checkpoint-*"))
     if len(committed) != 1 or len(checkpoints) != 1:
