@@ -58,16 +58,16 @@ class RenameCommit:
     """Write into ``.ckptbus-staging-<step>``; finalize fsyncs, writes the manifest last and renames it to
     ``checkpoint-<step>``. Until the rename nothing of the save is listed, resumed or rotated."""
 
-    __slots__ = ("_output_dir", "_renamed", "_step", "directory", "final")
+    __slots__ = ("_output_dir", "_renamed", "_rescue", "_step", "directory", "final")
 
-    def __init__(self, output_dir: str | os.PathLike[str], step: int) -> None:
-        self._output_dir, self._step = output_dir, step
-        self.directory = staging_path(output_dir, step)
+    def __init__(self, output_dir: str | os.PathLike[str], step: int, *, rescue: bool = False) -> None:
+        self._output_dir, self._step, self._rescue = output_dir, step, rescue
+        self.directory = staging_path(output_dir, step, rescue=rescue)
         self.final = checkpoint_path(output_dir, step)
         self._renamed = False
 
     def create(self) -> None:
-        prepare_staging(self._output_dir, self._step)
+        prepare_staging(self._output_dir, self._step, rescue=self._rescue)
 
     def finalize(self, record: SaveRecord, timings: Timings, digests: dict[str, str], *, read_back: bool) -> Manifest:
         apply_umask_modes(self.directory)  # one mode for every file, whoever wrote it; fsynced in commit()

@@ -37,7 +37,7 @@ from ._contained import (
 from ._errors import CheckpointError
 from ._fsync import fsync_path, fsync_tree
 from ._manifest import MANIFEST_FORMAT, SCHEDULED_REASON, Manifest, write_manifest
-from ._names import CHECKPOINT_PREFIX, MANIFEST_NAME, STAGING_PREFIX, TRASH_PREFIX
+from ._names import CHECKPOINT_PREFIX, MANIFEST_NAME, RESCUE_STAGING_PREFIX, STAGING_PREFIX, TRASH_PREFIX
 
 logger = logging.getLogger("ckptbus")
 
@@ -49,9 +49,10 @@ def checkpoint_path(output_dir: str | os.PathLike[str], step: int) -> Path:
     return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
 
 
-def staging_path(output_dir: str | os.PathLike[str], step: int) -> Path:
-    """Where the checkpoint of ``step`` is written before it is complete (same filesystem, so rename is atomic)."""
-    return Path(output_dir) / f"{STAGING_PREFIX}{CHECKPOINT_PREFIX}{step}"
+def staging_path(output_dir: str | os.PathLike[str], step: int, *, rescue: bool = False) -> Path:
+    """Where the checkpoint of ``step`` is written before it is complete (same filesystem, so rename is atomic);
+    ``rescue``: the name a surviving rank writes into after a failure (ckptbus/_names.py)."""
+    return Path(output_dir) / f"{RESCUE_STAGING_PREFIX if rescue else STAGING_PREFIX}{CHECKPOINT_PREFIX}{step}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,9 +197,9 @@ def latest_full(output_dir: str | os.PathLike[str]) -> CheckpointInfo | None:
 # --------------------------------------------------------------------------
 
 
-def prepare_staging(output_dir: str | os.PathLike[str], step: int) -> Path:
+def prepare_staging(output_dir: str | os.PathLike[str], step: int, *, rescue: bool = False) -> Path:
     """Create an empty staging directory for ``step`` (removing a leftover of the same name)."""
-    staging = staging_path(output_dir, step)
+    staging = staging_path(output_dir, step, rescue=rescue)
     if staging.is_symlink():
         staging.unlink()  # the link only, never what it points to
     elif staging.exists():

@@ -26,6 +26,10 @@ PRIVATE_PREFIX: Final = ".ckptbus-"
 STAGING_PREFIX: Final = PRIVATE_PREFIX + "staging-"
 """A checkpoint being written: ``<output_dir>/.ckptbus-staging-checkpoint-<step>``, renamed once complete."""
 
+RESCUE_STAGING_PREFIX: Final = STAGING_PREFIX + "rescue-"
+"""A checkpoint a surviving rank writes alone after a failure: a staging name of its own, so that writers of an
+abandoned save of the same step (still running on ranks about to exit) never write into it."""
+
 TRASH_PREFIX: Final = PRIVATE_PREFIX + "trash-"
 """A checkpoint being deleted or replaced: renamed to this prefix first, so it stops being listed at once."""
 
@@ -62,6 +66,7 @@ __all__ = [
     "POINTER_NAME",
     "PRIVATE_PREFIX",
     "PROBE_PREFIX",
+    "RESCUE_STAGING_PREFIX",
     "RESERVED_NAMES",
     "RESERVED_PREFIXES",
     "SOCKET_NAME",

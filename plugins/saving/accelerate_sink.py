@@ -282,13 +282,12 @@ class AccelerateSink:
 
     def rescue(self, record: SaveRecord, rank_states: Mapping[int, bytes]) -> Outcome:
         """Write and commit ``record`` alone (no collective): replicated state from here, RNG states of every rank
-        from ``rank_states``. An asynchronous save of this rank abandoned just before is waited for first (its
-        writer may still write into a staging directory of the same name)."""
+        from ``rank_states``, into a staging directory of its own (the writers of an abandoned save of the same
+        step may still write into theirs)."""
         job, self._abandoned = self._abandoned, None
-        if job is not None:
+        if job is not None:  # (it writes elsewhere; stopping it leaves the disk and the CPU to the rescue)
             job.give_up("a rank failed; the surviving ranks save on their own")
-            job.wait(10.0)
-        commit = RenameCommit(self.output_dir, record.step)
+        commit = RenameCommit(self.output_dir, record.step, rescue=True)  # (not where abandoned writers write)
         started = time.perf_counter()
         try:
             commit.create()
