@@ -36,6 +36,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("full save: async stall vs save_state, sync fsync vs dd", launch("save_stall")),
     ("content digests: a synchronous save with and without them", launch("digest_cost")),
     ("scale: save time, stall and bytes by model size and world size", python("scale")),
+    ("preemption: SIGTERM under transformers' JIT checkpoint and under ckptbus", python("preemption_compare")),
     ("crash rescue: a rank dies, time to the survivors' checkpoint; the per-step copy", python("crash_rescue")),
     ("object storage: a checkpoint's upload, ckptbus against plain boto3", python("remote_upload")),
 ]

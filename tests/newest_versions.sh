@@ -68,7 +68,7 @@ cd "$REPO"
     tests/test_jit_checkpoint.py \
     tests/test_startup_mistakes.py::test_a_config_typo \
     "tests/test_hf_trainer.py::test_trainer_file_socket_ctrl_c_then_resume" \
-    "tests/test_benchmarks_smoke.py::test_preemption_compare_smoke"
+    "tests/test_benchmarks_smoke.py::test_smoke[preemption_compare]"
 
 step "the wheel, installed over the editable package: the CLI and a 2-rank training from a scratch directory"
 mkdir "$WORK/src" "$WORK/run"

@@ -29,12 +29,38 @@ LAUNCHED = {"overhead", "save_stall", "digest_cost"}
 """Run under ``accelerate launch`` (2 ranks); the others start their own runs, each on a free port."""
 PLOTS = {"overhead", "save_stall", "latency", "scale"}
 """Draw a PNG beside their JSON."""
-SAVES_OPTION = {"save_stall": "--dir", "digest_cost": "--dir", "sharded_save": "--dir", "scale": "--work"}
+SAVES_OPTION = {
+    "save_stall": "--dir",
+    "digest_cost": "--dir",
+    "sharded_save": "--dir",
+    "scale": "--work",
+    "preemption_compare": "--work",
+}
 """The option that says where a benchmark writes its checkpoints (into the test's temporary directory here)."""
-BENCHMARKS = sorted([*LAUNCHED, "latency", "cli_startup", "scale", "sharded_save", "crash_rescue", "remote_upload"])
-NOT_BENCHMARKS = {"__init__", "output", "plots", "run_all", "scale_worker", "crash_rescue_dying", "crash_rescue_copy"}
+BENCHMARKS = sorted(
+    [
+        *LAUNCHED,
+        "latency",
+        "cli_startup",
+        "scale",
+        "sharded_save",
+        "crash_rescue",
+        "remote_upload",
+        "preemption_compare",
+    ]
+)
+NOT_BENCHMARKS = {
+    "__init__",
+    "output",
+    "plots",
+    "run_all",
+    "scale_worker",
+    "crash_rescue_dying",
+    "crash_rescue_copy",
+    "preemption_worker",
+}
 """Modules of benchmarks/ that measure nothing themselves (scale_worker runs under scale, the crash_rescue_ ones
-under crash_rescue)."""
+under crash_rescue, preemption_worker under preemption_compare)."""
 
 
 def test_every_benchmark_has_a_smoke_test() -> None:

@@ -50,6 +50,7 @@ from ckptbus._config import build, read_yaml
 from ..distributed import Ranks, TorchExchange, check_world, uses_nccl
 from ..runtime import RunControls, Runtime
 from ..saving.trainer_sink import TrainerSink
+from .jit_checkpoint import sigterm_taken_from_jit
 
 logger = logging.getLogger("ckptbus")
 
@@ -200,7 +201,8 @@ class DynamicCheckpointCallback(TrainerCallback, RunControls):
             local_rank=int(args.local_process_index),
             save_on_each_node=bool(args.save_on_each_node),
         )
-        self._runtime.start(ranks, step=int(state.global_step))
+        with sigterm_taken_from_jit(args, self.config):  # TrainingArguments.enable_jit_checkpoint (its module says)
+            self._runtime.start(ranks, step=int(state.global_step))
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         if self._runtime.running:
