@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from runs import CHECKPOINTS_AT_4_AND_8, REPO, TrainingRun, accelerate_launch
+from runs import CHECKPOINTS_AT_4_AND_8, REPO, TrainingRun, accelerate_launch, merge
 
 from ckptbus import read_checkpoint
 
@@ -51,8 +51,9 @@ def failing_run(tmp_path: Path) -> Iterator[Callable[..., TrainingRun]]:
     (RANKS:STEP:HOW) says; it must end by itself, not with status 0. Killed at teardown if it did not."""
     runs: list[TrainingRun] = []
 
-    def start(spec: str, *, processes: int = 2) -> TrainingRun:
-        run = TrainingRun(tmp_path, processes=processes, config=CRASHING, name=f"fail-{spec.replace(':', '-')}")
+    def start(spec: str, *, processes: int = 2, config: dict[str, Any] | None = None) -> TrainingRun:
+        cfg = merge(CRASHING, config or {})
+        run = TrainingRun(tmp_path, processes=processes, config=cfg, name=f"fail-{spec.replace(':', '-')}")
         runs.append(run)
         launcher = accelerate_launch(FAILING_TRAIN, processes=processes)
         run.start([*launcher, "--fail", spec, "--config", str(run.config_path)])
@@ -144,3 +145,17 @@ def test_a_segfault_of_one_of_three_ranks_leaves_one_checkpoint_with_every_ranks
     lines = [line for line in run.log().splitlines() if "ckptbus: training failed" in line]
     assert len(lines) == 1, f"one line says what happened, from the rank that wrote: {lines}"
     assert "rank 2 (pid" in lines[0] and "checkpoint-4" in lines[0]
+
+
+def test_a_crash_while_an_async_save_is_in_flight_drops_it_and_rescues_the_same_step_exactly(
+    failing_run: Callable[..., TrainingRun], reference: TrainingRun
+) -> None:
+    """The asynchronous save of step 4 is still being written when rank 1 raises in step 5: it is never made
+    visible, and the rescue writes step 4 into a staging directory of its own (the abandoned writer threads may
+    still write into theirs)."""
+    run = failing_run("1:5:raise", config={"save_steps": 4, "dynamic_checkpoint": {"async_save": True}})
+    started = [e for e in run.events() if e["event"] == "SaveStarted"]
+    assert [(e["step"], e["reasons"]) for e in started] == [(4, ["schedule"]), (4, ["rank_failure"])], run.events()
+    manifest = rescued(run)
+    assert manifest["reason"] == "rank_failure" and manifest["failure"]["exact"] is True
+    assert_same_files(run.output_dir / "checkpoint-4", reference.output_dir / "checkpoint-4")
