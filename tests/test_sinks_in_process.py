@@ -366,3 +366,54 @@ def test_trainer_sink_on_two_thread_ranks_agrees_on_the_outcome(tmp_path: Path) 
     assert (info.manifest.world_size, info.manifest.bytes) == (2, w0.bytes)
     words = f"writing failed on rank 0: CheckpointError: the Trainer did not write {tmp_path / 'checkpoint-13'}"
     assert missing0 == missing1 == NotWritten(words)
+
+
+# -- AccelerateSink after a failure (plugins/rescue.py decides when; tests/test_crash_rescue.py end to end) ---------
+
+
+def test_a_rescue_writes_every_ranks_rng_state_given_and_load_state_restores_this_ranks(
+    training: Training, tmp_path: Path
+) -> None:
+    sink = started(training, tmp_path)
+    torch.manual_seed(7)
+    mine = sink.rank_state()
+    torch.manual_seed(8)
+    other = sink.rank_state()  # (what rank 1 copied at the same boundary, say)
+    expected = torch.get_rng_state()
+    torch.manual_seed(7)
+    expected_rank0 = torch.get_rng_state()
+    saved = training.parameters()
+    outcome = sink.rescue(record(5, world_size=2, reason="rank_failure"), {0: mine, 1: other})
+    assert isinstance(outcome, Written) and outcome.path == tmp_path / "checkpoint-5"
+    info = read_checkpoint(outcome.path)
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"} <= set(
+        info.manifest.files
+    )
+    assert verify_checkpoint(info).ok
+    rank1 = torch.load(outcome.path / "random_states_1.pkl", weights_only=False)
+    assert torch.equal(rank1["torch_manual_seed"], expected), "rank 1's state is the copy it gave, not this rank's"
+    training.step()
+    torch.manual_seed(99)
+    training.accelerator.load_state(str(outcome.path))
+    assert all(a.equal(b) for a, b in zip(saved, training.parameters(), strict=True))
+    assert torch.equal(torch.get_rng_state(), expected_rank0), "load_state did not restore rank 0's RNG state"
+    assert leftovers(tmp_path) == []
+
+
+def test_a_weights_rescue_writes_model_safetensors_from_any_rank(training: Training, tmp_path: Path) -> None:
+    sink = started(training, tmp_path)
+    outcome = sink.rescue(record(6, "weights", reason="error"), {0: sink.rank_state()})
+    assert isinstance(outcome, Written)
+    weights = load_file(str(outcome.path / "model.safetensors"))
+    state = training.accelerator.unwrap_model(training.model).state_dict()
+    assert weights.keys() == state.keys() and all(weights[k].equal(state[k]) for k in state)
+
+
+def test_a_rank_between_its_optimizer_step_and_its_boundary_cannot_rescue(training: Training, tmp_path: Path) -> None:
+    sink = started(training, tmp_path)
+    sink.rank_state()  # a step boundary
+    assert sink.rescue_unsupported() is None
+    training.step()  # the optimizer stepped; the boundary of that step has not come
+    assert "after an optimizer step and before the step boundary" in (sink.rescue_unsupported() or "")
+    sink.rank_state()
+    assert sink.rescue_unsupported() is None
