@@ -10,7 +10,7 @@ STAMP = $(VENV)/.installed
 AXOLOTL_VENV ?= .venv-axolotl
 AXOLOTL_STAMP = $(AXOLOTL_VENV)/.installed
 
-.PHONY: setup train train-1 demo test test-wheel test-quick test-axolotl lint bench clean
+.PHONY: setup train train-1 demo test test-wheel test-newest test-quick test-axolotl lint bench clean
 
 $(STAMP): pyproject.toml setup.py constraints.txt
 	$(PY) -m venv $(VENV)
@@ -85,6 +85,11 @@ test-axolotl: $(AXOLOTL_STAMP)  ## the axolotl plugin with real axolotl, 1 and 2
 
 test-wheel:  ## build the wheel, install it into a fresh virtualenv, run the CLI and a 2-rank training from it
 	PY=$(PY) bash tests/installed_wheel.sh
+
+# A virtualenv of its own (about a minute to set up, then 2-4 minutes of tests on 2 cores): torch==2.13.0 pinned, the
+# newest accelerate and transformers within pyproject.toml's ranges, what `pip install` gives users today.
+test-newest:  ## a focused subset against the newest accelerate and transformers pip resolves (tests/newest_versions.sh)
+	PY=$(PY) bash tests/newest_versions.sh
 
 test-quick: $(STAMP)  ## no training processes: unit tests only
 	$(BIN)/python -m pytest -m "not slow" -n 2

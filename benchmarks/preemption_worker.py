@@ -77,6 +77,7 @@ def main() -> int:
         max_steps=args.max_steps,
         per_device_train_batch_size=4,
         learning_rate=1e-3,
+        lr_scheduler_type="constant",  # the same rate at a step whatever max_steps is: runs compare step by step
         seed=42,
         save_strategy="no",
         logging_strategy="no",

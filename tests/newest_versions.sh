@@ -2,7 +2,7 @@
 # What users get: a fresh virtualenv with torch pinned (2.13.0, the CPU build) and the NEWEST accelerate and
 # transformers that pip resolves within pyproject.toml's ranges, not constraints.txt's tested versions. Runs a
 # focused subset there: the launcher's report after a signal, the Trainer callback (enable_jit_checkpoint
-# included), start-up checks; then the wheel, installed over the editable package, runs the CLI and a 2-rank
+# included), a start-up mistake; then the wheel, installed over the editable package, runs the CLI and a 2-rank
 # training from a scratch directory.
 #
 #   bash tests/newest_versions.sh                  (make test-newest; .ci/run runs it after make test)
@@ -62,13 +62,15 @@ print(f'newest_versions: torch {torch.__version__}, accelerate {accelerate.__ver
 
 step "the focused subset"
 cd "$REPO"
-# -p no:cacheprovider: nothing written into the checkout. -n 0: one process (CI runs this after the suite).
+# -p no:cacheprovider: nothing written into the checkout. -n 0: one process (CI runs this after the suite). Two
+# real 2-rank launches here (the launcher's report after Ctrl+C; SIGTERM with enable_jit_checkpoint and ckptbus on),
+# one more for the wheel below; the Trainer's other tests in process. tests/test_signals.py's and
+# tests/test_hf_trainer.py's Ctrl+C launches are left out: they expect the launcher status of accelerate 1.15.
 "$VENV/bin/python" -m pytest -p no:cacheprovider -n 0 -q \
     tests/test_launcher_report.py \
     tests/test_jit_checkpoint.py \
-    tests/test_startup_mistakes.py::test_a_config_typo \
-    "tests/test_hf_trainer.py::test_trainer_file_socket_ctrl_c_then_resume" \
-    "tests/test_benchmarks_smoke.py::test_smoke[preemption_compare]"
+    tests/test_startup_mistakes.py::test_a_config_typo
+"$VENV/bin/python" -m pytest -p no:cacheprovider -n 0 -q -m "not slow" tests/test_hf_trainer.py
 
 step "the wheel, installed over the editable package: the CLI and a 2-rank training from a scratch directory"
 mkdir "$WORK/src" "$WORK/run"
