@@ -34,6 +34,7 @@ Only the runtime publishes ``save_started``, ``save_completed`` and ``save_faile
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -703,7 +704,17 @@ class Runtime:
         self._publish_rescue(rescued)
         if rescued.speaker:
             logger.error("ckptbus: %s", rescued.line)
+        self._upload_rescued()
         return rescued.line
+
+    def _upload_rescued(self) -> None:
+        """The main process hands the rescued checkpoint (whichever rank wrote it) to the uploads, which
+        :meth:`abort` then waits for within ``remote.exit_deadline_seconds``."""
+        done = self._mirror.rescued() if self._mirror is not None else None
+        if self.tier is None or done is None:
+            return
+        with contextlib.suppress(CheckpointError):  # (nothing was saved: the line said why)
+            self.tier.submit(read_checkpoint(checkpoint_path(self.output_dir, done[0])))
 
     def _publish_rescue(self, rescued: Rescued) -> None:
         """The rescue this rank wrote, on the bus (and in the event log, whichever rank wrote it)."""
