@@ -39,6 +39,7 @@ BENCHMARKS: list[tuple[str, list[str]]] = [
     ("preemption: SIGTERM under transformers' JIT checkpoint and under ckptbus", python("preemption_compare")),
     ("crash rescue: a rank dies, time to the survivors' checkpoint; the per-step copy", python("crash_rescue")),
     ("object storage: a checkpoint's upload, ckptbus against plain boto3", python("remote_upload")),
+    ("object storage: training throughput while uploading against none", launch("remote_training")),
 ]
 
 

@@ -25,7 +25,7 @@ from benchmarks.output import RESULTS, problems
 TIMEOUT = 420.0
 """Seconds one smoke run may take: about 20-60 s alone, several times that on 2 cores shared with other tests."""
 
-LAUNCHED = {"overhead", "save_stall", "digest_cost"}
+LAUNCHED = {"overhead", "save_stall", "digest_cost", "remote_training"}
 """Run under ``accelerate launch`` (2 ranks); the others start their own runs, each on a free port."""
 PLOTS = {"overhead", "save_stall", "latency", "scale"}
 """Draw a PNG beside their JSON."""
