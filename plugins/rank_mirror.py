@@ -29,11 +29,12 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import tempfile
 import time
 import zlib
 from dataclasses import dataclass
 
-from .shared_votes import SharedVotes, process_exists
+from .shared_votes import SharedVotes, process_exists, shared_memory_dir
 
 RECORD_BYTES = 32 * 1024
 """Room for one record of a rank's small state (RNG states of CPU and every CUDA device fit many times)."""
@@ -95,6 +96,24 @@ class RankMirror:
         self.world_size = world_size
         self.pids = list(pids)
         self._written = 0  # records written by this rank; the next goes to buffer _written % 2
+        self._owned = False
+
+    @classmethod
+    def alone(cls) -> RankMirror:
+        """The mirror of a run of one process: no one else reads it, but the rescue then works the same way (its
+        copy of this rank's state at the last step boundary). An unlinked file; :meth:`close` closes it."""
+        fd, name = tempfile.mkstemp(prefix="ckptbus-mirror-", dir=shared_memory_dir())
+        os.unlink(name)
+        os.ftruncate(fd, mirror_bytes(1))
+        mirror = cls(fd, 0, 0, 1, [os.getpid()])
+        mirror._owned = True
+        return mirror
+
+    def close(self) -> None:
+        """Close the file if this mirror opened it (:meth:`alone`); the votes' file is closed with the votes."""
+        if self._owned and self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
     @classmethod
     def on(cls, votes: SharedVotes) -> RankMirror:

@@ -73,6 +73,8 @@ def rescue(
     """Run the rescue on this rank (module docstring). ``step``: this rank's last step boundary; ``start_step``:
     the step training started (or resumed) at; ``kind``: what ``on_error`` saves (None: nothing); ``error``: what
     this rank raised, if it raised."""
+    if mirror is None and kind is None:
+        return Rescued(f"training failed at step {step}; nothing saved (dynamic_checkpoint.on_error is none)")
     if mirror is None:
         return Rescued(  # (every rank says it: with nothing shared, none knows which others are alive)
             f"training failed at step {step}, and the ranks share no memory (several machines, or "

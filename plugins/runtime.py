@@ -212,6 +212,8 @@ class Runtime:
             self.coordinator.start_exchange = votes.start
         else:
             self.coordinator.exchange = list
+            if self.config.dynamic_checkpoint.on_error != "none":
+                self._mirror = RankMirror.alone()  # one process: the same rescue, with no one else to ask
         if self.config.dynamic_checkpoint.event_log and ranks.is_main:
             self._event_log = EventLog(self.output_dir / EVENT_LOG_NAME).attach(self.bus)
         run = RunInfo(
@@ -659,6 +661,9 @@ class Runtime:
         for request in self.coordinator.drain():
             self.bus.publish(SaveFailed.unserved(request, self.last_step, f"{why} before the request could be served"))
         close_all(self.sources)
+        if self._mirror is not None:
+            self._mirror.close()
+            self._mirror = None
         if self._votes is not None:
             self._votes.close()
             self._votes = None

@@ -24,6 +24,7 @@ import pytest
 from ckptbus.plugins.rank_mirror import RECORD_BYTES, RankMirror, mirror_bytes
 from ckptbus.plugins.rescue import Rescued, rescue
 
+from ckptbus import read_checkpoint
 from ckptbus._commit import RenameCommit
 from ckptbus._sink import NotWritten, Outcome, SaveRecord, Written
 
@@ -312,3 +313,39 @@ def test_a_record_torn_by_a_death_mid_write_leaves_the_previous_one_whole(cluste
     assert mirror.state_of(0, 4) is None and mirror.state_of(0, 5) == b"state of 5"
     with pytest.raises(ValueError, match="small state is"):
         mirror.record(7, b"x" * (RECORD_BYTES + 1))
+
+
+def test_one_process_that_raises_saves_its_last_step_boundary_with_the_rng_state_of_that_boundary(
+    tmp_path: Path,
+) -> None:
+    """``python train.py`` and a one-process loop: the same rescue, with a mirror no one else reads."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from ckptbus.plugins import DynamicCheckpoint
+
+    accelerator = Accelerator(cpu=True)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        at_boundary: list[torch.Tensor] = []
+        with pytest.raises(ValueError, match="loss is NaN"), DynamicCheckpoint(accelerator, tmp_path) as ckpt:
+            for step in range(1, 5):
+                loss = model(torch.randn(2, 4)).pow(2).mean()  # (draws from the RNG after the last boundary too)
+                if step == 4:
+                    raise ValueError("loss is NaN")
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+                ckpt.step(step)
+                at_boundary.append(torch.get_rng_state())
+        info = read_checkpoint(tmp_path / "checkpoint-3")
+        assert info.manifest.reason == "error" and info.manifest.failure is not None
+        assert info.manifest.failure["ranks"] == [0] and info.manifest.failure["exact"] is True
+        rng = torch.load(tmp_path / "checkpoint-3" / "random_states_0.pkl", weights_only=False)
+        assert torch.equal(rng["torch_manual_seed"], at_boundary[-1]), "not the RNG state of step 3's boundary"
+    finally:
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
