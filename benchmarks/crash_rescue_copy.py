@@ -49,8 +49,8 @@ def ckpt_config(output_dir: Path, on_error: str) -> CheckpointConfig:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="where the main process writes the figures (JSON)")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--block", type=int, default=5, help="optimizer steps per arm per round")
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--block", type=int, default=3, help="optimizer steps per arm per round")
     parser.add_argument("--repeats", type=int, default=2000, help="times the copy alone is timed")
     parser.add_argument("--n-layer", type=int, default=6)
     parser.add_argument("--n-embd", type=int, default=768)
