@@ -6,10 +6,12 @@ Run under the launcher, 2 ranks over gloo, from the repository root:
 
 Both ranks train the same GPT-2 (train.py's make_model, as benchmarks/overhead.py)
 in short blocks of ``--block`` steps, the two arms interleaved (the arm that
-goes first turns each round): ``none``, and ``uploading``, during which the
-main process uploads a checkpoint of ``--mib`` MiB without pause, the way the
-tier does (plugins/tiers/uploader.py: one thread, ``upload_checkpoint``
-with its digest checks, boto3's part threads), each time to a fresh prefix.
+goes first turns each round): ``none``, and ``uploading``, during which a
+checkpoint of ``--mib`` MiB is uploaded without pause, the way the tier does
+(``upload_checkpoint`` with its digest checks and boto3's part threads, in a
+process of its own: plugins/tiers/upload_worker.py; ``--uploader thread``: in
+a thread of the main process, as the tier did first), each time to a fresh
+prefix.
 The figure is the median over rounds of ``none block time / uploading block
 time`` (target: >= 0.98), with every round's ratio in the JSON.
 
@@ -22,6 +24,7 @@ here is a floor for what the uploads cost, not the uploads alone.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import statistics
 import tempfile
@@ -46,32 +49,43 @@ ARMS = ("none", "uploading")
 BUCKET = "bench-training"
 
 
+def _upload_loop(info: Any, active: Any, sending: Any, idle: Any, stop: Any, done: Any) -> None:
+    """Upload ``info`` again and again while ``active`` is set (in a thread, or in a process of its own)."""
+    while not stop.is_set():
+        if not active.wait(0.05):
+            continue
+        idle.clear()
+        store = ObjectStore(RemoteDir(BUCKET, f"u{os.getpid()}-{done.value}"))
+        upload_checkpoint(store, info, progress=lambda _n: sending.set())
+        store.delete(list(store.objects(store.remote.prefix + "/")))
+        store.close()
+        with done.get_lock():
+            done.value += 1
+        if not active.is_set():
+            idle.set()
+
+
 class Uploads:
-    """Uploads of one checkpoint, one after another, while :meth:`on` holds (a thread, as the tier's)."""
+    """Uploads of one checkpoint, one after another, while :meth:`on` holds: in a thread of the main process, as
+    the tier's, or (``process``) in a process of its own, which shares no GIL with training."""
 
-    def __init__(self, info: Any) -> None:
-        self.info = info
-        self.active = threading.Event()
-        self.sending = threading.Event()
-        self.idle = threading.Event()
+    def __init__(self, info: Any, where: str) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.active, self.sending, self.idle, self.stop = (context.Event() for _ in range(4))
         self.idle.set()
-        self.done = 0
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, name="ckptbus-uploader", daemon=True)
-        self._thread.start()
+        self._done = context.Value("i", 0)
+        args = (info, self.active, self.sending, self.idle, self.stop, self._done)
+        target = _upload_loop
+        self._worker: Any = (
+            context.Process(target=target, args=args, daemon=True)
+            if where == "process"
+            else threading.Thread(target=target, args=args, name="ckptbus-uploader", daemon=True)
+        )
+        self._worker.start()
 
-    def _run(self) -> None:
-        while not self._stop:
-            if not self.active.wait(0.05):
-                continue
-            self.idle.clear()
-            store = ObjectStore(RemoteDir(BUCKET, f"u{self.done}"))
-            upload_checkpoint(store, self.info, progress=lambda _n: self.sending.set())
-            store.delete(list(store.objects(f"u{self.done}/")))
-            store.close()
-            self.done += 1
-            if not self.active.is_set():
-                self.idle.set()
+    @property
+    def done(self) -> int:
+        return int(self._done.value)
 
     def on(self) -> None:
         self.sending.clear()
@@ -84,8 +98,8 @@ class Uploads:
 
     def close(self) -> None:
         self.off()
-        self._stop = True
-        self._thread.join(30)
+        self.stop.set()
+        self._worker.join(30)
 
 
 def main() -> None:
@@ -93,6 +107,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--block", type=int, default=20, help="optimizer steps per block")
     parser.add_argument("--mib", type=int, default=64, help="size of the checkpoint's large file")
+    parser.add_argument(
+        "--uploader",
+        choices=("thread", "process"),
+        default="process",
+        help="upload from a process of its own (as the tier does: plugins/tiers/upload_worker.py) or from a thread "
+        "of the main process (as the tier did first)",
+    )
     parser.add_argument("--out", help="the JSON result (default benchmarks/results/remote_training.json)")
     add_smoke_option(parser)
     args = parser.parse_args()
@@ -142,7 +163,7 @@ def main() -> None:
                     setup = ObjectStore(RemoteDir(BUCKET))
                     setup.client.create_bucket(Bucket=BUCKET)
                     setup.close()
-                    uploads = Uploads(make_checkpoint(Path(work), args.mib))
+                    uploads = Uploads(make_checkpoint(Path(work), args.mib), args.uploader)
                 for round_index in range(args.rounds):
                     order = ARMS if round_index % 2 == 0 else ARMS[::-1]
                     for arm in order:
@@ -166,7 +187,9 @@ def main() -> None:
         ratios = [n / u for n, u in zip(samples["none"], samples["uploading"], strict=True)]
         result = {
             "command": "accelerate launch --multi_gpu --num_processes 2 -m benchmarks.remote_training"
-            + (" --smoke" if args.smoke else f" --rounds {args.rounds} --block {args.block} --mib {args.mib}"),
+            + (" --smoke" if args.smoke else f" --rounds {args.rounds} --block {args.block} --mib {args.mib}")
+            + f" --uploader {args.uploader}",
+            "uploader": args.uploader,
             "what": "training throughput while the main process uploads to moto's S3 server (same machine) / none",
             "world_size": accelerator.num_processes,
             "rounds": args.rounds,

@@ -84,7 +84,7 @@ def test_outage_sigkill_and_resume_from_the_bucket_alone_repeat_the_losses(
     newest = complete[-1]
     # remote.keep is 2; a third may be there if the endpoint went away between an upload and the rotation after it.
     assert 2 <= len(complete) <= 3, complete
-    assert newest < local_newest < killed_at, (complete, local_newest, killed_at)
+    assert newest < local_newest <= killed_at, (complete, local_newest, killed_at)
 
     # An upload killed before its manifest, newer than everything: its objects are there, it is not complete.
     store = ObjectStore(parse_remote(url))
@@ -99,7 +99,9 @@ def test_outage_sigkill_and_resume_from_the_bucket_alone_repeat_the_losses(
                 )
     finally:
         store.close()
-    assert remote_steps(url) == (complete, [1000])
+    after = remote_steps(url)
+    # (An upload cut by the outage may have left objects of its own without a manifest too: never complete.)
+    assert after[0] == complete and 1000 in after[1], after
 
     shutil.rmtree(first.output_dir)  # the machine is gone
     second = launch(

@@ -15,9 +15,12 @@ The runtime (plugins/runtime.py) makes one on the main process when
   line says whether the last checkpoint is safe in the bucket or what is
   missing.
 
-One thread, fed by a queue (``None`` stops it), uploads the checkpoints in
-commit order (ckptbus/_remote_checkpoints.py: objects first, manifest last,
-each byte checked against the manifest). A transient failure (the endpoint
+One thread, fed by a queue (``None`` stops it), has the checkpoints uploaded
+in commit order (ckptbus/_remote_checkpoints.py: objects first, manifest
+last, each byte checked against the manifest) by a process of its own
+(plugins/tiers/upload_worker.py), which shares no GIL with training; at the
+deadline that process is killed, which leaves nothing complete in the bucket
+that was not complete before. A transient failure (the endpoint
 gone, the store busy) is retried with backoff for as long as the run lives
 and logged once per outage; training goes on, nothing local is deleted
 meanwhile. After each upload the bucket is rotated (``remote.keep``).
@@ -25,21 +28,26 @@ meanwhile. After each upload the bucket is rotated (``remote.keep``).
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import queue
+import select
 import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Final
+from typing import Any, Final
 
 from ckptbus import SetupError
 from ckptbus._config import RemoteConfig
 from ckptbus._layout import CheckpointInfo
 from ckptbus._object_store import ObjectStore, ObjectStoreError
-from ckptbus._remote_checkpoints import rotate_remote, upload_checkpoint
 from ckptbus._remote_url import RemoteDir, parse_remote
 
 logger = logging.getLogger("ckptbus")
@@ -48,12 +56,86 @@ BACKOFF_SECONDS: Final = (1.0, 2.0, 5.0, 10.0, 30.0)
 """Waits between tries of one checkpoint after a transient failure (the last one repeats)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Done:
+    url: str
+    bytes: int
+    seconds: float
+    already: bool
+
+
 @dataclass(slots=True)
 class _Upload:
     info: CheckpointInfo
     sent: int = 0
     tries: int = 0
     error: str | None = None
+
+
+class _Stopped(Exception):
+    """The tier stopped (the deadline at exit) while the worker was busy."""
+
+
+class _Worker:
+    """The upload process (plugins/tiers/upload_worker.py), started on first use and again after it died."""
+
+    def __init__(self, url: str, config: RemoteConfig, stop: threading.Event) -> None:
+        self._argv = [
+            sys.executable,
+            "-m",
+            "ckptbus.plugins.tiers.upload_worker",
+            url,
+            str(config.parallelism),
+            "none" if config.keep is None else str(config.keep),
+        ]
+        self._stop = stop
+        self._proc: subprocess.Popen[str] | None = None
+
+    def call(self, request: dict[str, object], on_sent: Callable[[int], None] | None = None) -> dict[str, Any]:
+        """Send ``request``; return the answer (progress lines go to ``on_sent``). Raises :class:`_Stopped` once
+        the tier stops, :class:`ObjectStoreError` (transient) if the process ended without answering."""
+        proc = self._started()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+        except OSError:
+            self.close()
+            raise ObjectStoreError("the upload process ended; it is started again", transient=True) from None
+        while True:
+            while not select.select([proc.stdout], [], [], 0.2)[0]:
+                if self._stop.is_set():
+                    raise _Stopped()
+            line = proc.stdout.readline()
+            if not line:
+                self.close()
+                raise ObjectStoreError("the upload process ended; it is started again", transient=True)
+            answer: dict[str, Any] = json.loads(line)
+            if "sent" in answer:
+                if on_sent is not None:
+                    on_sent(int(answer["sent"]))
+                continue
+            return answer
+
+    def _started(self) -> subprocess.Popen[str]:
+        if self._proc is None or self._proc.poll() is not None:
+            self._proc = subprocess.Popen(
+                self._argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1
+            )
+        return self._proc
+
+    def close(self) -> None:
+        """End the process: at once (it may be mid-upload; the bucket then holds no manifest for it)."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
 
 
 class RemoteTier:
@@ -66,7 +148,6 @@ class RemoteTier:
     def __init__(self, remote_dir: str, config: RemoteConfig) -> None:
         self.remote: RemoteDir = parse_remote(remote_dir)
         self.config = config
-        self._store: ObjectStore | None = None
         self._queue: queue.Queue[_Upload | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting: list[_Upload] = []  # queued or in flight, oldest first
@@ -76,6 +157,7 @@ class RemoteTier:
         self._last_seconds: float | None = None
         self._outage: str | None = None
         self._stop = threading.Event()
+        self._worker = _Worker(remote_dir, config, self._stop)
         self._idle = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
 
@@ -97,7 +179,7 @@ class RemoteTier:
         except ObjectStoreError as exc:
             store.close()
             raise SetupError(f"remote_dir: {exc}") from None
-        self._store = store
+        store.close()  # the uploads run in a process of their own (_Worker)
         self._thread = threading.Thread(target=self._run, name="ckptbus-uploader", daemon=True)
         self._thread.start()
 
@@ -138,12 +220,9 @@ class RemoteTier:
             logger.warning("ckptbus: %s arrived while uploads were finishing; they had until the deadline", name)
         self._stop.set()
         self._queue.put(None)
-        if self._store is not None:
-            self._store.cancel()
         self._thread.join(timeout=30.0)
         self._thread = None
-        if self._store is not None:
-            self._store.close()
+        self._worker.close()
         return self._summary(deadline, interrupted)
 
     # -- status -----------------------------------------------------------------------------------------
@@ -179,13 +258,15 @@ class RemoteTier:
 
     def _upload(self, upload: _Upload) -> bool:
         """Upload until it is complete in the bucket or failed for good (True), or the tier stops (False)."""
-        assert self._store is not None
-        store = self._store
         while not self._stop.is_set():
             upload.tries += 1
             upload.sent = 0
             try:
-                done = upload_checkpoint(store, upload.info, progress=lambda n: self._sent(upload, n))
+                answer = self._worker.call({"upload": str(upload.info.path)}, lambda n: self._sent(upload, n))
+                if "error" in answer:
+                    raise ObjectStoreError(str(answer["error"]), transient=bool(answer["transient"]))
+            except _Stopped:
+                return False
             except ObjectStoreError as exc:
                 if self._stop.is_set():
                     return False
@@ -207,11 +288,7 @@ class RemoteTier:
                     )
                 self._stop.wait(wait)
                 continue
-            except OSError as exc:  # the local checkpoint went away (deleted by hand)
-                logger.error("ckptbus: upload of %s failed: %s", upload.info.path, exc)
-                with self._lock:
-                    self._failed[upload.info.path] = str(exc.strerror or exc)
-                return True
+            done = _Done(str(answer["done"]), int(answer["bytes"]), float(answer["seconds"]), bool(answer["already"]))
             with self._lock:
                 if self._outage is not None:
                     logger.info("ckptbus: %s reachable again; uploads go on", self.remote.url)
@@ -228,21 +305,29 @@ class RemoteTier:
                 done.bytes,
                 done.seconds,
             )
-            self._rotate(store)
+            self._rotate()
             return True
         return False
 
     def _sent(self, upload: _Upload, count: int) -> None:
-        upload.sent += count  # read by status() without the lock: a number, possibly one update behind
+        upload.sent = count  # the total so far; read by status() without the lock
 
-    def _rotate(self, store: ObjectStore) -> None:
+    def _rotate(self) -> None:
+        if self.config.keep is None:
+            return
         try:
-            for url in rotate_remote(store, self.config.keep):
-                logger.info("ckptbus: remote.keep=%s: deleted %s", self.config.keep, url)
-        except ObjectStoreError as exc:
+            answer = self._worker.call({"rotate": True})
+        except (_Stopped, ObjectStoreError):
+            return
+        if "error" in answer:
             logger.warning(
-                "ckptbus: rotation in %s failed (%s); older checkpoints are kept there", self.remote.url, exc
+                "ckptbus: rotation in %s failed (%s); older checkpoints are kept there",
+                self.remote.url,
+                answer["error"],
             )
+            return
+        for url in answer["rotated"]:
+            logger.info("ckptbus: remote.keep=%s: deleted %s", self.config.keep, url)
 
     def _summary(self, deadline: float, interrupted: bool) -> str:
         with self._lock:
