@@ -18,6 +18,7 @@ at the end of stdin.
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 import time
@@ -87,6 +88,10 @@ def _upload(store: ObjectStore, path: Path, reply: _Reply) -> None:
 
 
 def main() -> int:
+    # Its life is the tier's: killed at the deadline, or ended by the end of stdin when the training process is
+    # gone. A Ctrl+C or SIGTERM sent to the whole job must not cut an upload the tier still waits for.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     url, parallelism, keep = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     serve(url, parallelism, None if keep == "none" else int(keep), sys.stdin, sys.stdout)
     return 0
