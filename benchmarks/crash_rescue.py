@@ -25,8 +25,9 @@ benchmarks/save_stall.py (about 42M parameters with AdamW's state: about
    ``on_error: none`` (which skips the copy), in alternating blocks of one
    launched run (benchmarks/crash_rescue_copy.py): the time of every
    ``ckpt.step()`` of each arm, and of the copy alone
-   (``AccelerateSink.rank_state()`` + ``RankMirror.record()``), in
-   microseconds and as a share of the training step. Target: not
+   (``AccelerateSink.rank_state()`` + ``RankMirror.record()``, in a tight
+   loop and right after each training step), in microseconds and as a share
+   of the training step. Target: not
    measurable next to the step.
 
 Results go to benchmarks/results/crash_rescue.json.
@@ -65,6 +66,7 @@ REQUIRED = (
     "copy.median_step_seconds",
     "copy.copy_microseconds.both",
     "copy.copy_over_step",
+    "copy.copy_at_boundary_microseconds",
     "copy.step_call_microseconds.on_error full",
     "copy.step_call_microseconds.on_error none",
     "copy.step_call_full_minus_none_microseconds",

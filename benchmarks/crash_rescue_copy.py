@@ -3,8 +3,10 @@
     accelerate launch --multi_gpu --num_processes 2 -m benchmarks.crash_rescue_copy --out FILE [options]
 
 The GPT-2 of benchmarks/save_stall.py trains in the same processes under
-two DynamicCheckpoints, stepped in alternating blocks (the arm that goes
-first alternates each round, as benchmarks/overhead.py does):
+the DynamicCheckpoints of two arms, stepped in alternating blocks (the arm
+that goes first alternates each round, as benchmarks/overhead.py does; each
+arm has two, created full, none, none, full and taking turns, because the
+one created first in a process was measured to cost more per step):
 
 - ``on_error full``: the default; at every step boundary the rank copies its
   RNG states into the shared file (``AccelerateSink.rank_state()`` then
@@ -12,8 +14,10 @@ first alternates each round, as benchmarks/overhead.py does):
 - ``on_error none``: the same run with that copy skipped.
 
 Timed: every ``ckpt.step()`` call of each arm, the training step itself, and
-the copy alone (``rank_state()`` + ``record()``, ``--repeats`` times at the
-last step boundary). The main process writes the figures to ``--out`` as JSON;
+the copy alone (``rank_state()`` + ``record()``): ``--repeats`` times in a row
+at the last step boundary, and once right after each training step of the
+``on_error none`` arm, where the caches are as a step boundary finds them.
+The main process writes the figures to ``--out`` as JSON;
 crash_rescue.py reads them.
 """
 
@@ -62,24 +66,35 @@ def main() -> None:
         training.step()
     root = [tempfile.mkdtemp(prefix="ckptbus-bench-rescue-") if accelerator.is_main_process else ""]
     torch.distributed.broadcast_object_list(root, src=0)
-    ckpts = {
-        arm: DynamicCheckpoint(accelerator, ckpt_config(Path(root[0]) / arm.split()[1], arm.split()[1])) for arm in ARMS
-    }
-    full = ckpts["on_error full"]
+    # Two DynamicCheckpoints an arm, created full, none, none, full: where one is created in the process changes
+    # what its step() costs (measured: the first one created costs more), so each arm has one early, one late.
+    created = [
+        (arm, ckpt_config(Path(root[0]) / f"{arm.split()[1]}{i}", arm.split()[1]))
+        for i, arm in ((0, ARMS[0]), (0, ARMS[1]), (1, ARMS[1]), (1, ARMS[0]))
+    ]
+    ckpts: dict[str, list[DynamicCheckpoint]] = {arm: [] for arm in ARMS}
+    for arm, config in created:
+        ckpts[arm].append(DynamicCheckpoint(accelerator, config))
+    full = ckpts["on_error full"][0]
     mirror = full._runtime._mirror
     assert mirror is not None, "no shared file between the ranks: the copy is not kept (one machine needed)"
 
     inside: dict[str, list[float]] = {arm: [] for arm in ARMS}  # per round: mean seconds of one ckpt.step()
     step_seconds: list[float] = []  # per block: mean seconds of one training step, ckpt.step() left out
+    at_boundary: list[float] = []  # the copy alone, right after a training step (caches as a boundary finds them)
     steps = dict.fromkeys(ARMS, 0)
     for round_index in range(args.rounds):
         for arm in ARMS if round_index % 2 == 0 else ARMS[::-1]:
-            ckpt, in_step, training_time = ckpts[arm], 0.0, 0.0
+            ckpt, in_step, training_time = ckpts[arm][round_index // 2 % 2], 0.0, 0.0
             accelerator.wait_for_everyone()
             for _ in range(args.block):
                 started = time.perf_counter()
                 training.step()
                 entered = time.perf_counter()
+                if arm == "on_error none":  # (the full arm's last step recorded again: changes nothing)
+                    mirror.record(steps["on_error full"], full.sink.rank_state())
+                    at_boundary.append(time.perf_counter() - entered)
+                    entered = time.perf_counter()
                 steps[arm] += 1
                 ckpt.step(steps[arm])
                 in_step += time.perf_counter() - entered
@@ -101,8 +116,9 @@ def main() -> None:
     copy_median = statistics.median(s + r for s, r in zip(state_seconds, record_seconds, strict=True))
     copy_max_over_ranks = max_over_ranks(accelerator, copy_median)
 
-    for ckpt in ckpts.values():
-        ckpt.close()
+    for pair in ckpts.values():
+        for ckpt in pair:
+            ckpt.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         shutil.rmtree(root[0], ignore_errors=True)
@@ -121,6 +137,8 @@ def main() -> None:
                 "both_max_over_ranks": copy_max_over_ranks * 1e6,
             },
             "copy_over_step": copy_max_over_ranks / step,
+            "copy_at_boundary_microseconds": statistics.median(at_boundary) * 1e6,
+            "copy_at_boundary_over_step": statistics.median(at_boundary) / step,
             "step_call_microseconds": {arm: statistics.median(v) * 1e6 for arm, v in inside.items()},
             "step_call_full_minus_none_microseconds": statistics.median(differences) * 1e6,
             "step_call_full_minus_none_interval_95": [x * 1e6 for x in bootstrap_interval(differences)],
