@@ -50,7 +50,7 @@ def test_uploads_go_on_after_the_endpoint_is_killed_mid_upload_and_comes_back(
         first = make_checkpoint(out, 2, SMALL)
         tier.submit(first)
         wait_for(lambda: complete_steps(bucket) == [2], "checkpoint-2 complete in the bucket", 60)
-        big = make_checkpoint(out, 4, {**SMALL, "optimizer.bin": 4 * PART_BYTES})
+        big = make_checkpoint(out, 4, {**SMALL, "optimizer.bin": 6 * PART_BYTES})  # seconds at moto's pace
         tier.submit(big)
         wait_for(lambda: (tier.status()["in_flight_bytes_sent"] or 0) > 0, "the upload of checkpoint-4 under way", 60)
         own_server.stop()  # mid-upload
