@@ -46,16 +46,25 @@ Reported per way, per surviving rank: whether it came back to Python (and
 with which exception, how long after the death), and for the run: whether a
 checkpoint was committed, which step, crash to commit (from the dying rank's
 ``time.time()`` to the event log's ``SaveCompleted``), whether it fits in
-torchrun's 30 s. Two checks say whether what was saved is whole:
+torchrun's 30 s. What to expect, reasoned and not yet seen on a GPU: the
+CPU runs ahead of the GPU, so by the time a survivor blocks (in
+``loss.item()``) it has already queued ``optimizer.step()`` of the step that
+died behind the blocked all-reduce, and an abort that ends that kernel lets
+the update run on half-reduced gradients. ckptbus's sink notices the
+optimizer step (a pre-hook) and refuses to write (the line says "failed
+after an optimizer step and before the step boundary"): nothing saved, but
+nothing wrong saved. With ``--loss-every 0`` the CPU may instead reach the
+step boundary, where the shared-memory vote finds the peer gone and the
+rescue saves that step, whose update ran after the abort: the weights check
+below is what catches that. Two checks say whether what was saved is whole:
 
 - AdamW's ``step`` counter in the checkpoint's ``optimizer.bin`` equals the
-  checkpoint's step. On a GPU the CPU runs ahead: ``optimizer.step()`` of the
-  step that died is queued behind the blocked all-reduce, and an abort that
-  ends the kernel lets it run on half-reduced gradients; the counter (a CPU
-  tensor) shows that the optimizer stepped past the saved step.
+  checkpoint's step (a CPU tensor: counted when ``optimizer.step()`` is
+  called, whatever the GPU did).
 - The weights equal, within ``--tolerance`` (relative; GPU kernels need not
   be deterministic), those of a reference run without the failure at the
-  same step (one more launch, first; ``--no-reference`` skips it).
+  same step (one more launch, first; ``--no-reference`` skips it). The
+  difference to the next step's weights is reported too.
 
 Exit status: 0 when the ``watcher`` way passed every check (or was not
 asked), 1 when it did not; ``default`` and ``async-error-handling`` are
@@ -225,6 +234,7 @@ def rank_side(args: argparse.Namespace) -> int:
                         break
             except BaseException as exc:
                 back.update(back=time.time(), error=(f"{type(exc).__name__}: {exc}".splitlines() or [""])[0])
+                stamp(run_dir / f"rank-{rank}.json", back)  # (now: the launcher may SIGKILL it during the rescue)
                 raise
             finally:
                 if stop is not None:
@@ -267,11 +277,14 @@ def launch(args: argparse.Namespace, way: str, run_dir: Path) -> tuple[int | Non
             command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
         code: int | None
+        cap = time.time() + args.wait + 900.0  # (start-up, and the reference run, which has no death)
         try:
             while proc.poll() is None:  # the death comes after start-up, whose length we cannot know
                 died = run_dir / "died_at.json"
                 if died.exists() and time.time() - json.loads(died.read_text())["time"] > args.wait:
                     raise subprocess.TimeoutExpired(command, args.wait)
+                if time.time() > cap:
+                    raise subprocess.TimeoutExpired(command, args.wait + 900.0)
                 time.sleep(0.5)
             code = proc.returncode
         except subprocess.TimeoutExpired:
