@@ -146,6 +146,7 @@ class Runtime:
         self._in_flight: _InFlight | None = None
         self._votes: SharedVotes | None = None
         self._mirror: RankMirror | None = None
+        self._copying = True  # (until a copy for the rescue fails to be written: _keep_copy)
         self._start_step = 0
         self._event_log: EventLog | None = None
         self._output_dir_lock: OutputDirLock | None = None
@@ -315,8 +316,8 @@ class Runtime:
 
     def _step_boundary(self, step: int, *, force: bool, framework_saves: bool) -> bool:
         self.last_step = step
-        if self._mirror is not None and self.config.dynamic_checkpoint.on_error != "none":
-            self._mirror.record(step, self.sink.rank_state())  # tens of microseconds: see benchmarks/overhead.py
+        if self._mirror is not None and self._copying and self.config.dynamic_checkpoint.on_error != "none":
+            self._keep_copy(step)
         for source in self.sources:
             source.poll(step)
         flight = self._in_flight
@@ -336,6 +337,22 @@ class Runtime:
             if decision is not None:
                 self._carry_out(decision)
         return self.stopped
+
+    def _keep_copy(self, step: int) -> None:
+        """This rank's copy of its own state for a rescue (docs/crash.md; its cost: docs/performance.md). A copy
+        that cannot be written (a file size limit, /dev/shm full) never stops training: it is said once, and this
+        rank's state is then missing from a rescue, which says so."""
+        assert self._mirror is not None
+        try:
+            self._mirror.record(step, self.sink.rank_state())
+        except OSError as exc:
+            self._copying = False
+            logger.warning(
+                "ckptbus: rank %d cannot keep its copy for a rescue after a crash (%s); if a rank fails, this "
+                "rank's RNG state of its last steps will be missing from the checkpoint the others save",
+                self.rank,
+                exc.strerror or exc,
+            )
 
     def framework_saved(self, step: int) -> None:
         """The framework wrote its checkpoint of ``step`` (a ``deferred`` sink: the Trainer's ``on_save``); on
