@@ -702,7 +702,10 @@ class Runtime:
         if not self.running:
             self._release_output_dir()
             return None
-        line = self._rescue(None if echo else error) if isinstance(error, Exception) else None
+        # Nothing to rescue before a step completed: a refusal at start-up (a damaged checkpoint, a setup error) is
+        # the whole story, said by its own message.
+        rescuable = isinstance(error, Exception) and self.last_step > self._start_step
+        line = self._rescue(None if echo or not isinstance(error, Exception) else error) if rescuable else None
         self.abort(f"training stopped with {type(error).__name__}")
         return line
 

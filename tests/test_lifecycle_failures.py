@@ -234,7 +234,17 @@ def test_sigkill_mid_save_keeps_the_previous_checkpoint(
 
     latest = latest_full(out)
     assert latest is not None
-    if staging_dirs(out):
+    if victim != "job":
+        # One rank killed mid-save: its half-written save stays invisible, and the rank still alive saves the same
+        # step on its own into a staging directory of its own (docs/crash.md), without rotating the first one out.
+        assert staging_dirs(out), "the interrupted save's staging directory was made visible or removed"
+        steps = [c.step for c in list_checkpoints(out)]
+        assert len(steps) == 2 and steps[0] == first["step"], steps
+        rescued = read_checkpoint(out / f"checkpoint-{steps[1]}").manifest
+        assert rescued.reason == "rank_failure" and rescued.failure is not None, rescued
+        assert rescued.failure["ranks"] == [0 if victim == "rank0" else 1], rescued.failure
+        assert latest.step == steps[1]
+    elif staging_dirs(out):
         # Killed mid-save: the half-written checkpoint is invisible and the first one is still the latest.
         assert [c.step for c in list_checkpoints(out)] == [first["step"]]
         assert latest.step == first["step"]

@@ -151,8 +151,10 @@ class AccelerateSink:
         def stepped(*_: Any) -> None:
             self._between_steps = True
 
-        # On the torch optimizer inside accelerate's wrapper: its step() runs only when gradients are synced.
-        self._step_hooks = [getattr(o, "optimizer", o).register_step_pre_hook(stepped) for o in self._optimizers()]
+        # On the torch optimizer inside accelerate's wrapper: its step() runs only when gradients are synced. Only
+        # where a rank can rescue alone (replicated state): DeepSpeed's optimizers are not torch optimizers.
+        inner = [getattr(o, "optimizer", o) for o in self._optimizers()] if self.async_unsupported() is None else []
+        self._step_hooks = [o.register_step_pre_hook(stepped) for o in inner if hasattr(o, "register_step_pre_hook")]
 
     def plan(self, decision: Decision) -> tuple[Decision, SaveMode]:
         """Full saves are asynchronous with ``async_save`` where the run allows it (checked at each save: a
