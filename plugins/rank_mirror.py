@@ -10,7 +10,7 @@ its area of the shared file the ranks vote through (plugins/shared_votes.py,
 
 The file is the ranks' only channel once one of them is gone: no collective
 goes through a dead rank. Per rank it holds a status word (running, failed
-with an exception, rescuing), the step of its last boundary, a short message
+with an exception, rescuing), a short message
 (the exception a failed rank raised), and two records of its small state.
 A record is written whole into the buffer that does not hold the newest
 one, header last, with a CRC: a rank killed in the middle of a write leaves
@@ -51,7 +51,7 @@ _WORD = struct.Struct("<q")
 _HEADER = struct.Struct("<qqq")  # step, length, crc32 of the data
 _GLOBAL_WORDS = 2  # the step rescued plus one (0, as the file starts: none yet), the rank that wrote it
 _GLOBAL_BYTES = _GLOBAL_WORDS * _WORD.size + MESSAGE_BYTES  # ... and the line that says where it went
-_RANK_WORDS = 2  # status, boundary step
+_RANK_WORDS = 1  # status
 _RANK_BYTES = _RANK_WORDS * _WORD.size + MESSAGE_BYTES + 2 * (_HEADER.size + RECORD_BYTES)
 
 
@@ -62,13 +62,12 @@ def mirror_bytes(world_size: int) -> int:
 
 @dataclass(frozen=True, slots=True)
 class PeerState:
-    """What the file says of one rank: alive or not, its status, its last boundary, and its message."""
+    """What the file says of one rank: alive or not, its status, and its message."""
 
     rank: int
     pid: int
     alive: bool
     status: int
-    boundary: int
     message: str
 
     @property
@@ -135,7 +134,6 @@ class RankMirror:
         os.pwrite(self._fd, data, at + _HEADER.size)
         os.pwrite(self._fd, _HEADER.pack(step, len(data), zlib.crc32(data)), at)
         self._written += 1
-        self._write_word(self._rank_offset(self.rank) + _WORD.size, step)
 
     def mark(self, status: int, message: str = "") -> None:
         """Say how this rank stands (``FAILED`` with its exception, ``RESCUING``), for the others to read."""
@@ -160,11 +158,11 @@ class RankMirror:
 
     def peer(self, rank: int) -> PeerState:
         base = self._rank_offset(rank)
-        status, boundary = self._read_word(base), self._read_word(base + _WORD.size)
+        status = self._read_word(base)
         raw = os.pread(self._fd, MESSAGE_BYTES, base + _RANK_WORDS * _WORD.size)
         message = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         alive = rank == self.rank or process_exists(self.pids[rank])
-        return PeerState(rank, self.pids[rank], alive, status, boundary, message)
+        return PeerState(rank, self.pids[rank], alive, status, message)
 
     def peers(self) -> list[PeerState]:
         return [self.peer(r) for r in range(self.world_size)]

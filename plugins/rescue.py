@@ -55,7 +55,6 @@ class Rescued:
     decision: Decision | None = None
     """The save this rank wrote (None: another rank wrote it, or nothing was written)."""
     outcome: Outcome | None = None
-    record: SaveRecord | None = None
     speaker: bool = True
     """Whether this rank logs :attr:`line`: the writer; where nobody wrote, the lowest rank still alive."""
 
@@ -198,7 +197,7 @@ def _write(mirror: RankMirror, sink: Sink, *, output_dir: Path, step: int, kind:
             "repeat the run exactly"
         )
         line = f"{who}; rank {mirror.rank} saved a {kind} checkpoint of step {step} in {outcome.path} ({exact})"
-    return Rescued(line, decision, outcome, record)
+    return Rescued(line, decision, outcome)
 
 
 def _who(peers: list[PeerState]) -> str:

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from ckptbus._events import SaveKind
 
 from .async_writer import HostSnapshot, Snapshot, WriteJob
-from .file_writer import DigestingFile, save
+from .weights import save_model_config
 
 _RNG_FILE = "random_states_{}.pkl"
 
@@ -97,18 +97,11 @@ def write_alone(
 def _write_weights(accelerator: Accelerator, model: torch.nn.Module, staging: Path) -> dict[str, str]:
     """``model.safetensors`` and ``config.json``, as a weights save writes them; ``save_model`` itself writes on
     the main process only, which may be the rank that died."""
-    out = DigestingFile(staging / "model.safetensors")
     state = OrderedDict(accelerator.get_state_dict(model))  # (tensors shared by two names are stored once)
-    try:
-        save(state, out, safe_serialization=True)
-    except BaseException:
-        out.close(fsync=False)
-        raise
-    out.close()
-    config = getattr(accelerator.unwrap_model(model), "config", None)
-    if config is not None and callable(getattr(config, "save_pretrained", None)):
-        config.save_pretrained(str(staging))
-    return {"model.safetensors": out.digester.value()}
+    job = WriteJob(Snapshot(shared=[("model.safetensors", state, True)]), staging)
+    job.write()
+    save_model_config(accelerator, model, staging)
+    return job.digests
 
 
 __all__ = ["decode_rank_state", "encode_rank_state", "write_alone"]

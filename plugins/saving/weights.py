@@ -61,7 +61,7 @@ def save_weights(accelerator: Accelerator, model: torch.nn.Module, directory: Pa
         if note and accelerator.is_main_process:
             logger.warning("ckptbus: %s", note)
         if is_committer:
-            _save_model_config(accelerator, model, directory)
+            save_model_config(accelerator, model, directory)
     return note
 
 
@@ -133,7 +133,7 @@ def _zero3_config_without_gathering(accelerator: Accelerator, model: Any) -> Any
     return model._config.zero_config
 
 
-def _save_model_config(accelerator: Accelerator, model: torch.nn.Module, directory: Path) -> None:
+def save_model_config(accelerator: Accelerator, model: torch.nn.Module, directory: Path) -> None:
     """Write config.json beside the weights so ``from_pretrained(checkpoint)`` works."""
     config = getattr(accelerator.unwrap_model(model), "config", None)
     if config is not None and callable(getattr(config, "save_pretrained", None)):
